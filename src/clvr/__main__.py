@@ -1,0 +1,3 @@
+from clvr.cli import main
+
+main()

@@ -1,0 +1,178 @@
+"""Typed configuration: one schema (the dataclasses below), YAML profiles in conf/, CLI overrides.
+
+Resolution order: schema defaults < conf/base.yaml < conf/<profile>.yaml < `key=value` overrides.
+An unknown key or a value of the wrong type raises `ConfigError` naming the key path and its source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from clvr.errors import ConfigError
+
+
+@dataclass
+class WorldCfg:
+    grid: int = 4  # cells per side
+    cell: int = 16  # pixels per cell; canvas = grid * cell
+
+
+@dataclass
+class GeneratorCfg:
+    """Tiny Flux2 transformer + tiny Qwen3 text encoder (sizes only; see clvr.models)."""
+
+    hidden: int = 128
+    heads: int = 4
+    double_layers: int = 2
+    single_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    max_text_len: int = 64
+
+
+@dataclass
+class PretrainCfg:
+    out: str = "runs/pretrain"
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    edit_frac: float = 0.7
+    eval_every: int = 500
+    ckpt_every: int = 250
+    eval_trials: int = 50
+    seed: int = 0
+
+
+@dataclass
+class DistillCfg:
+    out: str = "runs/distill"
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 5e-4
+    nfe: int = 4
+    teacher_steps: int = 28
+    guidance: float = 2.0
+    ckpt_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class SampleCfg:
+    steps: int = 28
+    guidance: float = 2.0
+    distilled_steps: int = 4
+
+
+@dataclass
+class LoopCfg:
+    max_iters: int = 24
+    max_nfe: int = 400
+    retries_per_step: int = 2
+
+
+@dataclass
+class EvalCfg:
+    out: str = "runs/eval"
+    n_per_tier: int = 50
+    suite_samples: int = 1
+    seed: int = 1000
+
+
+@dataclass
+class Config:
+    profile: str = "cpu"
+    seed: int = 0
+    world: WorldCfg = field(default_factory=WorldCfg)
+    generator: GeneratorCfg = field(default_factory=GeneratorCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+    loop: LoopCfg = field(default_factory=LoopCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+
+
+def conf_dir() -> Path:
+    """conf/ of the project: $CLVR_CONF_DIR, else ./conf, else the repo root beside src/."""
+    for cand in (os.environ.get("CLVR_CONF_DIR"), "conf", Path(__file__).resolve().parents[2] / "conf"):
+        if cand and Path(cand).is_dir():
+            return Path(cand)
+    raise ConfigError("no conf/ directory found (set CLVR_CONF_DIR)")
+
+
+def profiles() -> list[str]:
+    return sorted(p.stem for p in conf_dir().glob("*.yaml") if p.stem != "base")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"{source}: bad config key '{key}': {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        data = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {_first_line(e)}") from None
+    if not isinstance(data, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Config:
+    """Resolve schema + base.yaml + <profile>.yaml + overrides into a typed, validated `Config`."""
+    cfg = OmegaConf.structured(Config)
+    d = conf_dir()
+    base = d / "base.yaml"
+    if base.exists():
+        cfg = _merge(cfg, _load_yaml(base), str(base))
+    prof = d / f"{profile}.yaml"
+    if not prof.exists():
+        raise ConfigError(f"unknown profile '{profile}' (known: {', '.join(profiles())})")
+    cfg = _merge(cfg, _load_yaml(prof), str(prof))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+    cfg.profile = profile
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def flat_params(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten to dotted keys (for MLflow params and DVC)."""
+    out: dict[str, Any] = {}
+    for k, v in to_dict(cfg).items():
+        if isinstance(v, dict):
+            for kk, vv in _flatten(v, f"{prefix}{k}."):
+                out[kk] = vv
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _flatten(d: dict, prefix: str):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

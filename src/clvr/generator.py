@@ -1,0 +1,53 @@
+"""The generator role: one call = one step (text-to-image, or an edit of the current canvas).
+
+Backends (the world's tiny Flux2 model, FLUX.2 [klein] at real scale, scripted fakes in tests)
+implement `Generator` and register under a string key with `register_generator`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from clvr.errors import ClvrError
+from clvr.world.scene import Cell
+
+
+@dataclass
+class GenRequest:
+    instruction: str  # this step's text (prompt for text-to-image, edit instruction otherwise)
+    trace: list[str] = field(default_factory=list)  # earlier steps' instructions (the reasoning trace)
+    reference: np.ndarray | None = None  # current canvas (H, W, 3) uint8; None = text-to-image
+    regions: tuple[Cell, ...] = ()  # grounded target cells, when the controller knows them
+    seed: int = 0
+
+
+@dataclass
+class GenResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    nfe: int  # network evaluations spent (CFG counts 2 per step)
+    seconds: float
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, req: GenRequest) -> GenResult: ...
+
+
+GENERATORS: dict[str, Callable[..., Generator]] = {}
+
+
+def register_generator(key: str):
+    def deco(factory):
+        GENERATORS[key] = factory
+        return factory
+    return deco
+
+
+def make_generator(key: str, **kwargs) -> Generator:
+    if key not in GENERATORS:
+        raise ClvrError(f"unknown generator '{key}' (known: {', '.join(sorted(GENERATORS))})")
+    return GENERATORS[key](**kwargs)
