@@ -15,7 +15,14 @@ ProfileOpt = typer.Option("cpu", "--profile", "-p", help="Config profile in conf
 
 
 def _register() -> None:
-    from clvr.cli import config_cmd  # noqa: F401  (each module adds its commands to `app`)
+    """Import every clvr.cli.*_cmd module; each adds its commands to `app` (or to a group it imports)."""
+    import importlib
+    import pkgutil
+
+    import clvr.cli as pkg
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name.endswith("_cmd")):
+        importlib.import_module(f"clvr.cli.{mod}")
 
 
 def main() -> None:
