@@ -14,6 +14,17 @@ from clvr.world.scene import Cell, Obj, Scene
 from clvr.world.vocab import COLORS, GRID, OPS, SHAPES
 
 
+# The typed arguments each op takes (all required).
+OP_ARGS: dict[str, tuple[str, ...]] = {
+    "generate": ("prompt",),
+    "add": ("shape", "color", "cell"),
+    "remove": ("shape", "color", "cell"),
+    "recolor": ("shape", "color", "cell", "new_color"),
+    "move": ("shape", "color", "cell", "to"),
+    "stop": (),
+}
+
+
 class SchemaError(ClvrError):
     """A controller output that is not a valid step. It is counted and never executed."""
 
@@ -77,9 +88,7 @@ class Step:
         op = d.get("op")
         if op not in OPS:
             raise SchemaError(f"op {op!r} not in {OPS}")
-        allowed = {"generate": {"prompt"}, "stop": set(), "add": {"shape", "color", "cell"},
-                   "remove": {"shape", "color", "cell"}, "recolor": {"shape", "color", "cell", "new_color"},
-                   "move": {"shape", "color", "cell", "to"}}[op]
+        allowed = set(OP_ARGS[op])
         extra = set(d) - allowed - {"op"}
         if extra:
             raise SchemaError(f"op {op!r} takes no {sorted(extra)}")
@@ -108,3 +117,17 @@ def _cell(v: object, grid: int, name: str) -> Cell:
     if not all(0 <= i < grid for i in v):
         raise SchemaError(f"{name} {list(v)} outside the {grid}x{grid} grid")
     return (v[0], v[1])
+
+
+def step_json_schema(grid: int = GRID) -> dict:
+    """JSON Schema of one step (for structured output of a VLM controller); mirrors `Step.from_dict`."""
+    cell = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": grid - 1},
+            "minItems": 2, "maxItems": 2}
+    props = {"shape": {"enum": list(SHAPES)}, "color": {"enum": list(COLORS)},
+             "new_color": {"enum": list(COLORS)}, "cell": cell, "to": cell,
+             "prompt": {"type": "string", "minLength": 1, "maxLength": 1000}}
+    def variant(op: str) -> dict:
+        return {"type": "object", "additionalProperties": False, "required": ["op", *OP_ARGS[op]],
+                "properties": {"op": {"const": op}, **{k: props[k] for k in OP_ARGS[op]}}}
+
+    return {"title": "Step", "oneOf": [variant(op) for op in OPS]}
