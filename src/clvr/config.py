@@ -71,9 +71,35 @@ class SampleCfg:
 
 @dataclass
 class LoopCfg:
-    max_iters: int = 24
-    max_nfe: int = 400
+    """The closed loop (clvr.loop). Budgets always end it: `max_iters` controller outputs, `max_nfe`
+    network evaluations (base at 28 steps + CFG spends 56 per call, distilled 4)."""
+
+    max_iters: int = 32
+    max_nfe: int = 1800
     retries_per_step: int = 2
+    controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator)
+    verifier: str = "world"
+    generator: str = "world"
+    model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle
+    max_prompt_chars: int = 300
+
+
+@dataclass
+class ControllerCfg:
+    """An OpenAI-compatible VLM controller endpoint (vLLM, hosted; clvr.vlm), used when the loop's
+    controller key is "openai". The API key is read only from the environment variable named by
+    `api_key_env` ("" = send no key, e.g. a local vLLM); it is never stored in the config."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/Qwen3-VL-8B-Instruct"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = 30.0  # per attempt, whole answer included
+    max_retries: int = 3  # extra attempts after the first
+    backoff_s: float = 0.5  # first retry waits this, then doubles (capped at 8 s)
+    max_tokens: int = 256
+    temperature: float = 0.0
+    max_response_bytes: int = 65536  # larger answers are rejected unread
+    max_history: int = 16  # earlier steps shown to the model
 
 
 @dataclass
@@ -82,6 +108,9 @@ class EvalCfg:
     n_per_tier: int = 50
     suite_samples: int = 1
     seed: int = 1000
+    batch_size: int = 64  # probe / geneval-world: loops run in lockstep, generator calls batched
+    geneval_n: int = 50  # prompts per GenEval tag in `clvr eval geneval-world`
+    speed_n: int = 10  # prompts per row in `clvr eval speed`
 
 
 @dataclass
@@ -94,6 +123,7 @@ class Config:
     distill: DistillCfg = field(default_factory=DistillCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     loop: LoopCfg = field(default_factory=LoopCfg)
+    controller: ControllerCfg = field(default_factory=ControllerCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
 
 

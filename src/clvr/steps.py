@@ -130,4 +130,4 @@ def step_json_schema(grid: int = GRID) -> dict:
         return {"type": "object", "additionalProperties": False, "required": ["op", *OP_ARGS[op]],
                 "properties": {"op": {"const": op}, **{k: props[k] for k in OP_ARGS[op]}}}
 
-    return {"title": "Step", "oneOf": [variant(op) for op in OPS]}
+    return {"title": "Step", "type": "object", "anyOf": [variant(op) for op in OPS]}
