@@ -27,34 +27,54 @@ class WorldCfg:
 class GeneratorCfg:
     """Tiny Flux2 transformer + tiny Qwen3 text encoder (sizes only; see clvr.models)."""
 
-    hidden: int = 128
+    hidden: int = 96
     heads: int = 4
     double_layers: int = 2
     single_layers: int = 2
     text_hidden: int = 64
     text_layers: int = 2
-    max_text_len: int = 64
+    max_text_len: int = 16  # tokens; trace + instruction is truncated from the left (the instruction stays)
 
 
 @dataclass
 class PretrainCfg:
     out: str = "runs/pretrain"
+    init: str = ""  # "" = from scratch, "base" = the shipped base weights, or a checkpoint folder
     steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
+    warmup: int = 100
+    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
+    weight_decay: float = 0.0
     edit_frac: float = 0.7
+    grounded_frac: float = 0.8  # edits whose target cells are marked (the loop always marks them)
+    text_dropout: float = 0.1  # empty text, for classifier-free guidance
+    max_objects: int = 10  # objects on an edit's reference canvas
+    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])  # text-to-image tiers 1..
+    prompt_pool: int = 400  # prompts per tier made once (0 = a fresh grammar prompt per sample)
+    changed_weight: float = 5.0  # loss weight of edited cells
+    gate_weight: float = 0.5  # BCE weight of the gate
+    log_every: int = 50
     eval_every: int = 500
     ckpt_every: int = 250
     eval_trials: int = 50
+    eval_steps: int = 4  # sampling steps (no CFG) for the quick in-training evaluation
+    threads: int = 1  # torch threads (1 is fastest on a small shared CPU)
     seed: int = 0
 
 
 @dataclass
 class DistillCfg:
     out: str = "runs/distill"
+    teacher: str = ""  # "" = <pretrain.out>/final if present, else the shipped base; or a checkpoint folder
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
+    warmup: int = 20
+    log_every: int = 50
+    eval_every: int = 500
+    eval_trials: int = 50
+    threads: int = 1
     nfe: int = 4
     teacher_steps: int = 28
     guidance: float = 2.0
@@ -81,7 +101,7 @@ class LoopCfg:
     verifier: str = "world"
     generator: str = "world"
     model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle
-    max_prompt_chars: int = 300
+    max_prompt_chars: int = 500  # grammar prompts reach ~200 characters at tier 10
 
 
 @dataclass
@@ -114,6 +134,18 @@ class EvalCfg:
 
 
 @dataclass
+class MainCfg:
+    """`clvr run`, the main job (for now: render the world suite over the tiers and the six GenEval
+    suites as ground truth, score it with the judge)."""
+
+    out: str = "runs/cpu/main"
+    n_per_tier: int = 20  # grammar prompts per complexity tier
+    geneval_n: int = 20  # prompts per GenEval tag
+    samples: int = 1  # images per prompt
+    seed: int = 0
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     seed: int = 0
@@ -125,6 +157,7 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     controller: ControllerCfg = field(default_factory=ControllerCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
+    main: MainCfg = field(default_factory=MainCfg)
 
 
 def conf_dir() -> Path:

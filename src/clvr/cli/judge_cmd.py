@@ -1,0 +1,48 @@
+"""`clvr eval geneval DIR [--metadata FILE]`: score a GenEval-layout folder with the GenEval-format judge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from clvr.cli.groups import eval_app
+
+
+def summary_table(summary: dict, title: str) -> Table:
+    """Accuracy per GenEval tag and per tier, then the overall score (mean over tags)."""
+    table = Table(title=title)
+    table.add_column("group")
+    table.add_column("accuracy", justify="right")
+    for tag, acc in summary["per_tag"].items():
+        table.add_row(f"tag {tag}", f"{acc:.3f}")
+    for tier, acc in summary.get("per_tier", {}).items():
+        table.add_row(f"tier {tier}", f"{acc:.3f}")
+    overall = summary["overall"]
+    table.add_row("[bold]overall (mean over tags)", "[bold]" + ("-" if overall is None else f"{overall:.3f}"))
+    return table
+
+
+def print_summary(summary: dict, title: str) -> None:
+    console = Console()
+    console.print(summary_table(summary, title))
+    console.print(f"{summary['images']} images scored, {summary['correct']} correct; {summary['unsupported']} "
+                  f"unsupported, {summary['missing']} missing, {summary['error']} unreadable")
+
+
+@eval_app.command("geneval")
+def geneval(folder: Path = typer.Argument(..., help="GenEval layout: DIR/00000/metadata.jsonl, DIR/00000/samples/*.png"),
+            metadata: Optional[Path] = typer.Option(
+                None, "--metadata", help="JSONL of prompts; line i = folder i (overrides the folders' metadata.jsonl)"),
+            out: Optional[Path] = typer.Option(None, "--out", help="results file (default DIR/results.jsonl)"),
+            grid: int = typer.Option(4, "--grid", help="cells per side of the world detector")) -> None:
+    """Judge every image with GenEval's rules over the world detector; write results.jsonl; last line JSON."""
+    from clvr.judge import score_folder
+
+    summary = score_folder(folder, metadata, grid=grid, out=out)
+    print_summary(summary, f"GenEval-format judge: {folder}")
+    typer.echo(json.dumps(summary))

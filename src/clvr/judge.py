@@ -1,0 +1,326 @@
+"""GenEval-format judge: GenEval's rules over detected objects, and GenEval's folder layout.
+
+Metadata (one prompt): `{"tag", "prompt", "include": [{"class", "count", "color"?, "position"?: [rel, i]}],
+"exclude": [{"class", "count", "color"?}]}`; extra keys (`tier`, `c_task`) are carried along.
+
+Rules (GenEval's `evaluate`, detector-agnostic):
+* include: the first `count` detections of the class must exist (count >= N). Exactness comes from exclude
+  clauses: an exclude `{class, count: M}` fails when the image holds M or more of the class.
+* colour: those detections must have the clause's colour.
+* position `[rel, i]`: every selected object must stand in `rel` to every object selected for include
+  clause `i` (which must itself have matched), by GenEval's relative-position rule: the centre offset
+  shrunk by 0.1 x the summed box sizes, normalised by the offset length; a component beyond 0.5 is a relation.
+
+World extensions (documented, used by the world grammar's prompts):
+* When an include clause has a colour, it selects the class's detections *of that colour* (GenEval takes the
+  first `count` of the class and then checks their colours, which cannot express "two red circles and a blue
+  circle"). Without a colour, the clause takes the first `count` of the class (detections in raster order).
+* An exclude clause may carry a colour; it then counts only objects of that colour ("no yellow squares").
+
+A prompt whose class or colour the detector does not know is *unsupported*: reported with a reason, not scored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from clvr.errors import ClvrError
+from clvr.world.vocab import GRID, RELATIONS
+
+POSITION_THRESHOLD = 0.1
+CLAUSE_KEYS = {"include": ("class", "count", "color", "position"), "exclude": ("class", "count", "color")}
+
+Box = tuple[float, float, float, float]
+
+
+# ---- GenEval's rules ----------------------------------------------------------------------------------
+
+def relative_position(box_a: Box, box_b: Box) -> set[str]:
+    """Relations of box A to box B (x0, y0, x1, y1; y grows downwards), by GenEval's rule."""
+    a, b = np.asarray(box_a, float).reshape(2, 2), np.asarray(box_b, float).reshape(2, 2)
+    offset = a.mean(0) - b.mean(0)
+    dims = (a[1] - a[0]) + (b[1] - b[0])
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rels = set()
+    if dx < -0.5:
+        rels.add("left of")
+    if dx > 0.5:
+        rels.add("right of")
+    if dy < -0.5:
+        rels.add("above")
+    if dy > 0.5:
+        rels.add("below")
+    return rels
+
+
+def describe(clause: dict) -> str:
+    """'red circle' / 'circle' for a clause."""
+    return f"{clause['color']} {clause['class']}" if clause.get("color") else str(clause["class"])
+
+
+def select(detections: Iterable, clause: dict) -> list:
+    """Detections a clause looks at: its class, and its colour when it names one (world extension)."""
+    color = clause.get("color")
+    return [d for d in detections if d.shape == clause["class"] and (color is None or d.color == color)]
+
+
+def judge(metadata: dict, detections: list) -> tuple[bool, str]:
+    """(correct, reason) for one image's detections; the reason names every broken constraint ('' if none)."""
+    reasons: list[str] = []
+    include = metadata.get("include", [])
+    groups: list[list | None] = []
+    for req in include:
+        n, desc = int(req["count"]), describe(req)
+        pool = select(detections, req)
+        found = pool[:n]
+        ok = len(found) >= n
+        if not ok:
+            reasons.append(f"expected {n} {desc}, found {len(pool)}")
+        elif "position" in req:
+            ok = _check_position(req, found, include, groups, reasons)
+        groups.append(found if ok else None)
+    for req in metadata.get("exclude", []):
+        m = len(select(detections, req))
+        if m >= int(req["count"]):
+            limit = "no" if int(req["count"]) == 1 else f"fewer than {req['count']}"
+            reasons.append(f"expected {limit} {describe(req)}, found {m}")
+    return not reasons, "; ".join(reasons)
+
+
+def _check_position(req: dict, found: list, include: list, groups: list, reasons: list) -> bool:
+    rel, j = req["position"]
+    desc, target_desc = describe(req), describe(include[j])
+    target = groups[j] if j < len(groups) else None
+    if target is None:
+        reasons.append(f"no {target_desc} for the {desc} to be {rel}")
+        return False
+    for a in found:
+        for b in target:
+            rels = relative_position(a.bbox, b.bbox)
+            if rel not in rels:
+                seen = " and ".join(sorted(rels)) or "no clear relation"
+                reasons.append(f"expected {desc} {rel} {target_desc}, found {seen}"
+                               f" ({desc} at row {a.row} column {a.col}, {target_desc} at row {b.row} column {b.col})")
+                return False
+    return True
+
+
+# ---- images and detectors -----------------------------------------------------------------------------
+
+def default_detector(grid: int = GRID):
+    from clvr.world.detector import WorldDetector
+
+    return WorldDetector(grid)
+
+
+def unsupported(metadata: dict, detector) -> str | None:
+    """Why the detector cannot judge this prompt (unknown class or colour), or None."""
+    classes, colors = getattr(detector, "classes", None), getattr(detector, "colors", None)
+    bad = []
+    for kind in ("include", "exclude"):
+        for c in metadata.get(kind, []):
+            if classes is not None and c["class"] not in classes:
+                bad.append(f"class '{c['class']}'")
+            if colors is not None and c.get("color") and c["color"] not in colors:
+                bad.append(f"colour '{c['color']}'")
+    if not bad:
+        return None
+    name = getattr(detector, "name", type(detector).__name__)
+    return f"the {name} detector does not know {', '.join(dict.fromkeys(bad))}"
+
+
+def judge_image(metadata: dict, image: np.ndarray, detector: Callable | None = None,
+                grid: int = GRID) -> tuple[bool, str]:
+    """Detect, then judge. `detector`: any callable image -> detections (default: the world's, on `grid`)."""
+    detector = detector or default_detector(grid)
+    why = unsupported(metadata, detector)
+    if why:
+        raise ClvrError(f"unsupported prompt '{metadata.get('prompt', '')}': {why}")
+    return judge(metadata, detector(image))
+
+
+# ---- metadata files -----------------------------------------------------------------------------------
+
+def validate_metadata(md: object, where: str = "metadata") -> dict:
+    """Check one GenEval metadata record (every field); raise ClvrError naming the field, else return it."""
+    if not isinstance(md, dict):
+        raise ClvrError(f"{where}: expected a JSON object, got {type(md).__name__}")
+    for key in ("tag", "prompt"):
+        if not isinstance(md.get(key), str) or not md[key].strip():
+            raise ClvrError(f"{where}: '{key}' must be a non-empty string")
+    include = md.get("include")
+    if not isinstance(include, list) or not include:
+        raise ClvrError(f"{where}: 'include' must be a non-empty list")
+    exclude = md.get("exclude", [])
+    if not isinstance(exclude, list):
+        raise ClvrError(f"{where}: 'exclude' must be a list")
+    for kind, clauses in (("include", include), ("exclude", exclude)):
+        for i, c in enumerate(clauses):
+            _validate_clause(c, kind, i, f"{where}: {kind}[{i}]")
+    return md
+
+
+def _validate_clause(c: object, kind: str, i: int, where: str) -> None:
+    if not isinstance(c, dict):
+        raise ClvrError(f"{where} must be an object")
+    extra = set(c) - set(CLAUSE_KEYS[kind])
+    if extra:
+        raise ClvrError(f"{where}: unknown field(s) {sorted(extra)} (allowed: {', '.join(CLAUSE_KEYS[kind])})")
+    if not isinstance(c.get("class"), str) or not c["class"].strip():
+        raise ClvrError(f"{where}.class must be a non-empty string")
+    n = c.get("count")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ClvrError(f"{where}.count must be an integer >= 1, got {n!r}")
+    if "color" in c and (not isinstance(c["color"], str) or not c["color"].strip()):
+        raise ClvrError(f"{where}.color must be a non-empty string")
+    if "position" in c:
+        p = c["position"]
+        if not (isinstance(p, list) and len(p) == 2 and p[0] in RELATIONS and isinstance(p[1], int)
+                and not isinstance(p[1], bool)):
+            raise ClvrError(f"{where}.position must be [relation, index] with relation in {RELATIONS}, got {p!r}")
+        if not 0 <= p[1] < i:
+            raise ClvrError(f"{where}.position index {p[1]} must point to an earlier include clause (0..{i - 1})")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Metadata records of a JSONL file, validated; a malformed line raises ClvrError with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClvrError(f"metadata file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                md = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ClvrError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+            out.append(validate_metadata(md, f"{path}:{lineno}"))
+    if not out:
+        raise ClvrError(f"{path}: no metadata lines")
+    return out
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    Image.fromarray(np.asarray(image, np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# ---- GenEval folder layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png ----------------------
+
+def write_geneval_folder(root: str | Path, metadata: list[dict], images: list[list[np.ndarray]]) -> None:
+    """Write prompts and their samples in GenEval's layout (files written atomically; reruns overwrite)."""
+    root = Path(root)
+    for i, (md, samples) in enumerate(zip(metadata, images, strict=True)):
+        d = root / f"{i:05d}"
+        for k, img in enumerate(samples):
+            save_png(d / "samples" / f"{k:04d}.png", img)
+        atomic_write_text(d / "metadata.jsonl", json.dumps(md) + "\n")
+
+
+def read_geneval_folder(root: str | Path,
+                        metadata_file: str | Path | None = None) -> list[tuple[str, dict, list[Path]]]:
+    """[(prompt folder name, metadata, sample paths)]. With `metadata_file`, its line i is folder i's prompt."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ClvrError(f"not a folder: {root}")
+    dirs = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+    if metadata_file is not None:
+        entries = [(f"{i:05d}", md) for i, md in enumerate(read_jsonl(metadata_file))]
+    else:
+        if not dirs:
+            raise ClvrError(f"{root}: no prompt folders (expected {root}/00000/metadata.jsonl)")
+        entries = [(name, _folder_metadata(dirs[name])) for name in sorted(dirs)]
+    out = []
+    for name, md in entries:
+        samples = sorted((root / name / "samples").glob("*.png")) if name in dirs else []
+        out.append((name, md, samples))
+    return out
+
+
+def _folder_metadata(d: Path) -> dict:
+    path = d / "metadata.jsonl"
+    if not path.is_file():
+        raise ClvrError(f"{d}: missing metadata.jsonl (or pass --metadata FILE)")
+    return read_jsonl(path)[0]
+
+
+def score_folder(root: str | Path, metadata_file: str | Path | None = None, detector=None, grid: int = GRID,
+                 out: str | Path | None = None) -> dict:
+    """Judge every sample of a GenEval-layout folder; write results.jsonl; return the summary."""
+    root = Path(root)
+    detector = detector or default_detector(grid)
+    rows = []
+    for name, md, samples in read_geneval_folder(root, metadata_file):
+        base = {"tag": md["tag"], "prompt": md["prompt"], **({"tier": md["tier"]} if "tier" in md else {})}
+        why = unsupported(md, detector)
+        if why or not samples:
+            status = "unsupported" if why else "missing"
+            reason = why or f"no images in {root / name / 'samples'}"
+            rows.append({"filename": f"{name}/samples", **base, "correct": None, "status": status, "reason": reason})
+            continue
+        for path in samples:
+            rows.append({"filename": str(path.relative_to(root)), **base, **_score_one(md, path, detector)})
+    write_jsonl(Path(out) if out else root / "results.jsonl", rows)
+    return summarize(rows)
+
+
+def _score_one(md: dict, path: Path, detector) -> dict:
+    try:
+        image = load_image(path)
+    except Exception as e:  # unreadable file: reported for this image, the rest still scored
+        return {"correct": None, "status": "error", "reason": f"cannot read image: {type(e).__name__}: {e}"}
+    ok, reason = judge(md, detector(image))
+    return {"correct": bool(ok), "status": "scored", "reason": reason}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """`overall` = mean over tags of each tag's accuracy (GenEval's summary); `per_tier` when tiers exist."""
+    scored = [r for r in rows if r.get("status", "scored") == "scored"]
+    by_tag, by_tier = defaultdict(list), defaultdict(list)
+    for r in scored:
+        by_tag[r["tag"]].append(bool(r["correct"]))
+        if r.get("tier") is not None:
+            by_tier[int(r["tier"])].append(bool(r["correct"]))
+    per_tag = {t: round(float(np.mean(v)), 4) for t, v in sorted(by_tag.items())}
+    summary = {"overall": round(float(np.mean(list(per_tag.values()))), 4) if per_tag else None,
+               "per_tag": per_tag}
+    if by_tier:
+        summary["per_tier"] = {str(t): round(float(np.mean(v)), 4) for t, v in sorted(by_tier.items())}
+    summary["images"] = len(scored)
+    summary["correct"] = sum(bool(r["correct"]) for r in scored)
+    for status in ("unsupported", "missing", "error"):
+        summary[status] = sum(r.get("status") == status for r in rows)
+    return summary
