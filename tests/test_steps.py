@@ -29,6 +29,8 @@ def test_valid_steps_round_trip(raw):
     ({"op": "paint"}, "op 'paint'"),
     ([1, 2], "must be an object"),
     ({"op": "add", "shape": "hexagon", "color": "red", "cell": [0, 0]}, "hexagon"),
+    ({"op": "add", "shape": "circle", "color": ["red"], "cell": [0, 0]}, "color"),
+    ({"op": ["add"]}, "op"),
     ({"op": "add", "shape": "circle", "color": "red", "cell": [0, 4]}, "outside"),
     ({"op": "add", "shape": "circle", "color": "red", "cell": [0, True]}, "integers"),
     ({"op": "add", "shape": "circle", "color": "red"}, "needs"),

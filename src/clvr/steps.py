@@ -86,7 +86,7 @@ class Step:
         if not isinstance(d, dict):
             raise SchemaError(f"step must be an object, got {type(d).__name__}")
         op = d.get("op")
-        if op not in OPS:
+        if not (isinstance(op, str) and op in OPS):
             raise SchemaError(f"op {op!r} not in {OPS}")
         allowed = set(OP_ARGS[op])
         extra = set(d) - allowed - {"op"}
@@ -97,10 +97,10 @@ class Step:
             raise SchemaError(f"op {op!r} needs {sorted(missing)}")
         if op == "generate" and not (isinstance(d["prompt"], str) and 0 < len(d["prompt"]) <= 1000):
             raise SchemaError("generate needs a non-empty prompt string")
-        if "shape" in d and d["shape"] not in SHAPES:
+        if "shape" in d and not (isinstance(d["shape"], str) and d["shape"] in SHAPES):
             raise SchemaError(f"shape {d['shape']!r} not in {SHAPES}")
         for k in ("color", "new_color"):
-            if k in d and d[k] not in COLORS:
+            if k in d and not (isinstance(d[k], str) and d[k] in COLORS):
                 raise SchemaError(f"{k} {d[k]!r} not in {tuple(COLORS)}")
         cells = {k: _cell(d[k], grid, k) for k in ("cell", "to") if k in d}
         return Step(op=op, shape=d.get("shape"), color=d.get("color"), cell=cells.get("cell"),

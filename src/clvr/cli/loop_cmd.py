@@ -1,0 +1,107 @@
+"""`clvr generate`, `clvr eval probe`, `clvr eval geneval-world`, `clvr eval speed`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from clvr.cli import ProfileOpt, app
+from clvr.cli.groups import eval_app
+from clvr.errors import ClvrError
+
+ModelOpt = typer.Option(None, "--model", "-m",
+                        help="base | distilled | checkpoint folder | oracle | noisy-oracle (default: config loop.model)")
+SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
+
+
+def _cfg(profile: str, overrides: list[str] | None):
+    from clvr.config import load_config
+
+    return load_config(profile, overrides)
+
+
+def _load(cfg, model: str):
+    """The generator, loaded without diffusers'/transformers' progress bars (one summary line is the output)."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    from clvr.loop.run import load_generator
+
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    return load_generator(cfg, model)
+
+
+@app.command("generate")
+def generate(prompt: str = typer.Argument(..., help="what to draw, e.g. \"a red circle above a blue square\""),
+             out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output folder"),
+             mode: str = typer.Option("loop", "--mode", help="loop (plan-generate-verify-correct) or single (one call)"),
+             model: Optional[str] = ModelOpt,
+             seed: int = typer.Option(0, "--seed", help="layout and sampling seed"),
+             profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Generate one image: writes final.png, filmstrip.png (every step with its caption) and trace.json."""
+    from clvr.loop.run import build_roles, run_loop
+    from clvr.loop.trace import filmstrip
+
+    cfg = _cfg(profile, overrides)
+    if mode not in ("loop", "single"):
+        raise ClvrError(f"unknown mode '{mode}' (known: loop, single)")
+    controller, verifier = build_roles(cfg)
+    controller.plan(prompt, "loop", seed)  # a bad prompt (also unsatisfiable) fails here, before weights load
+    generator = _load(cfg, model or cfg.loop.model)
+    trace = run_loop(prompt, controller, generator, verifier, cfg.loop, seed, mode, cfg.world.grid, cfg.world.cell)
+    trace.save(out)
+    strip = out / "filmstrip.png"
+    filmstrip(trace).save(strip.with_name("filmstrip.tmp.png"))
+    strip.with_name("filmstrip.tmp.png").replace(strip)
+    typer.echo(f"{trace.summary()} -> {out}/final.png, {strip}, {out}/trace.json")
+
+
+@eval_app.command("probe")
+def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", help="prompts per tier (default: config eval.n_per_tier)"),
+          model: Optional[str] = ModelOpt,
+          out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
+          profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Complexity probe: single-step vs loop over the 10 tiers (pass rate, AUC, I_eff, NFE, s/prompt).
+    Last line: one JSON object with `single` and `loop`."""
+    from clvr.probe import run_probe
+
+    cfg = _cfg(profile, overrides)
+    res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo)
+    typer.echo(f"wrote {Path(res['plot']).parent}/probe.json and {res['plot']}")
+    typer.echo(json.dumps(res))
+
+
+@eval_app.command("geneval-world")
+def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", help="prompts per GenEval tag (default: config eval.geneval_n)"),
+                  model: Optional[str] = ModelOpt,
+                  out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
+                  profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """The six GenEval suites in world vocabulary through generation + the judge, single-step and loop.
+    Last line: one JSON object."""
+    from clvr.probe import run_geneval_world
+
+    cfg = _cfg(profile, overrides)
+    res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo)
+    typer.echo(json.dumps(res))
+
+
+@eval_app.command("speed")
+def speed(n: Optional[int] = typer.Option(None, "--n", "-n", help="prompts per row (default: config eval.speed_n)"),
+          models: str = typer.Option("base,distilled", "--models", help="two generators: reference,fast"),
+          iters: int = typer.Option(4, "--iters", help="loop iterations 1..ITERS"),
+          profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
+    """Efficiency table: seconds per prompt for 1..4 loop iterations, base (28 steps + CFG) vs distilled
+    (4 NFE), and the speedup. Last line: one JSON object."""
+    from clvr.probe import run_speed
+
+    cfg = _cfg(profile, overrides)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if len(names) != 2:
+        raise ClvrError(f"--models needs two generators, reference,fast (got {models!r})")
+    res = run_speed(cfg, {name: _load(cfg, name) for name in names}, n, iters, log=typer.echo)
+    typer.echo(json.dumps(res))

@@ -1,0 +1,114 @@
+"""Oracle generators (no network): they draw exactly what a request asks for.
+
+* `oracle`: the ceiling. An edit instruction is read back into its `Step` and applied to the detected
+  reference canvas; a text-to-image prompt is parsed and solved (so its layout satisfies the prompt).
+* `noisy-oracle`: a simulation for developing the loop and the probe before trained weights exist.
+  Each object drawn by text-to-image is independently spoilt (recoloured or dropped) with probability
+  `p_err`, so single-step success falls as (1 - p_err) ** objects; each edit fails with probability
+  `p_err` (no change, wrong colour, or a stray extra object). Figures made with it are labelled as such.
+
+Neither is a model: they exist as a ceiling and for tests; `nfe` is what they report per call (default 0).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from clvr.errors import ClvrError
+from clvr.generator import GenRequest, GenResult, register_generator
+from clvr.steps import SchemaError, Step
+from clvr.world.render import render
+from clvr.world.scene import Obj, Scene
+from clvr.world.vocab import COLORS, SHAPES
+
+_EDIT_ARTICLE = {"add": "a", "remove": "the", "recolor": "the", "move": "the"}
+
+
+def parse_instruction(text: str, grid: int = 4) -> Step:
+    """Read an edit instruction (the text of `Step.instruction()`) back into its Step; SchemaError if it is not one."""
+    w = text.split()
+    if len(w) < 9 or w[0] not in _EDIT_ARTICLE or w[1] != _EDIT_ARTICLE[w[0]] or w[4:6] != ["at", "row"] \
+            or w[7] != "column":
+        raise SchemaError(f"not an edit instruction: {text!r}")
+    d: dict = {"op": w[0], "color": w[2], "shape": w[3], "cell": [_int(w[6]), _int(w[8])]}
+    rest = w[9:]
+    if w[0] == "recolor" and len(rest) == 2 and rest[0] == "to":
+        d["new_color"] = rest[1]
+    elif w[0] == "move" and len(rest) == 5 and rest[:2] == ["to", "row"] and rest[3] == "column":
+        d["to"] = [_int(rest[2]), _int(rest[4])]
+    elif rest:
+        raise SchemaError(f"not an edit instruction: {text!r}")
+    return Step.from_dict(d, grid)
+
+
+def _int(s: str) -> int | str:
+    return int(s) if s.isdigit() else s
+
+
+class OracleGenerator:
+    name = "oracle"
+
+    def __init__(self, grid: int = 4, cell: int = 16, p_err: float = 0.0, nfe: int = 0):
+        self.grid, self.cell, self.p_err, self.nfe = grid, cell, p_err, nfe
+
+    def generate(self, req: GenRequest) -> GenResult:
+        t = time.perf_counter()
+        rng = np.random.default_rng(req.seed)
+        scene = self.text_to_scene(req, rng) if req.reference is None else self.edit_scene(req, rng)
+        return GenResult(render(scene, self.cell), self.nfe, time.perf_counter() - t)
+
+    def text_to_scene(self, req: GenRequest, rng: np.random.Generator) -> Scene:
+        from clvr.world.parser import parse
+        from clvr.world.solver import solve
+
+        scene = solve(parse(req.instruction), self.grid, rng=rng)
+        kept = []
+        for o in scene.objects:
+            if rng.random() >= self.p_err:
+                kept.append(o)
+            elif rng.random() < 0.5:  # spoilt: recoloured (else dropped)
+                kept.append(Obj(o.shape, _other(o.color, rng), o.row, o.col))
+        return Scene(tuple(kept), self.grid)
+
+    def edit_scene(self, req: GenRequest, rng: np.random.Generator) -> Scene:
+        from clvr.world.detector import detect, to_scene
+
+        before = to_scene(detect(req.reference, self.grid), self.grid)
+        step = parse_instruction(req.instruction, self.grid)
+        try:
+            after = step.apply(before)
+        except ValueError as e:  # e.g. add onto an occupied cell: a real model would draw something odd
+            raise ClvrError(f"oracle cannot apply {req.instruction!r}: {e}") from None
+        if rng.random() >= self.p_err:
+            return after
+        mode = rng.integers(3)
+        if mode == 0:  # nothing happens
+            return before
+        if mode == 1 and step.op in ("add", "recolor", "move"):  # the intended object, wrong colour
+            cell = step.to or step.cell
+            o = after.at(cell)
+            return after.recolor(cell, _other(o.color, rng))
+        free = after.free_cells()  # the intended change plus a stray object
+        if not free:
+            return before
+        r, c = free[rng.integers(len(free))]
+        return after.add(Obj(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))], r, c))
+
+
+def _other(color: str, rng: np.random.Generator) -> str:
+    others = [c for c in COLORS if c != color]
+    return others[rng.integers(len(others))]
+
+
+@register_generator("oracle")
+def oracle(grid: int = 4, cell: int = 16, nfe: int = 0) -> OracleGenerator:
+    return OracleGenerator(grid, cell, 0.0, nfe)
+
+
+@register_generator("noisy-oracle")
+def noisy_oracle(grid: int = 4, cell: int = 16, p_err: float = 0.15, nfe: int = 0) -> OracleGenerator:
+    g = OracleGenerator(grid, cell, p_err, nfe)
+    g.name = f"noisy-oracle(p_err={p_err})"
+    return g

@@ -1,0 +1,205 @@
+"""THE loop: plan -> generate -> verify -> correct -> stop, written out in one function (`loop`).
+
+`loop` is a coroutine so that one body serves two drivers: `run_loop` (one prompt, one generator call at a
+time) and `run_many` (many prompts in lockstep, their generator calls batched). It yields each
+`GenRequest` and is sent back the `GenResult`; it returns the `Trace`.
+
+Guards, in the loop itself (a controller cannot get past them):
+* every controller output is validated by `Step.from_dict` (the schema) and `transition_error` (the state:
+  remove/recolor/move need that object at that cell, add needs a free cell, generate only first, move to a
+  free cell); anything else is rejected, counted and recorded, never executed;
+* budgets: `max_iters` controller outputs (rejected ones count) and `max_nfe` network evaluations (a call is
+  not started when the largest call so far would overrun it) always end the loop;
+* a step that fails passive verification is undone (the canvas stays the previous one); the controller
+  then decides to retry it (every call gets a new seed) or to correct.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Generator as Coroutine, Iterable
+
+from clvr.config import Config, LoopCfg
+from clvr.generator import GenRequest, GenResult, Generator
+from clvr.loop.controller import step_key
+from clvr.loop.roles import Controller, LoopState, Verifier, make_controller, make_verifier
+from clvr.loop.trace import StepRecord, Trace
+from clvr.steps import SchemaError, Step
+from clvr.world.render import blank
+from clvr.world.scene import Scene
+
+
+def transition_error(step: Step, scene: Scene, calls: int) -> str | None:
+    """Why `step` may not run on a canvas holding `scene` after `calls` generator calls (None = allowed)."""
+    if step.op == "stop":
+        return None
+    if step.op == "generate":
+        return None if calls == 0 else "generate is only allowed as the first step"
+    here = scene.at(step.cell)
+    if step.op == "add":
+        return None if here is None else f"add needs a free cell; {step.cell} holds a {here.color} {here.shape}"
+    if here is None or (here.shape, here.color) != (step.shape, step.color):
+        what = "nothing" if here is None else f"a {here.color} {here.shape}"
+        return f"{step.op} names a {step.color} {step.shape} at {step.cell}, but it holds {what}"
+    if step.op == "recolor" and step.new_color == step.color:
+        return f"recolor to the same colour {step.color}"
+    if step.op == "move" and scene.at(step.to) is not None:
+        return f"move needs a free destination; {step.to} is taken"
+    return None
+
+
+def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCfg, seed: int = 0,
+         mode: str = "loop", grid: int = 4, cell: int = 16) -> Coroutine[GenRequest, GenResult, Trace]:
+    t_own = time.perf_counter()
+    plan = controller.plan(prompt, mode, seed)  # bad prompt -> ClvrError before any work
+    trace = Trace(prompt=plan.prompt, mode=mode, seed=seed, metadata=plan.metadata,
+                  target=plan.target.to_list(), plan=plan.steps)
+    canvas = blank(grid, cell)
+    seen = verifier.perceive(canvas)  # each canvas is detected once; both verifications reuse it
+    state = LoopState(plan, seen.scene, canvas, active=verifier.active(seen, plan))
+    accepted: list[str] = []  # instructions of the steps on the canvas: the reasoning trace
+    max_call_nfe = 0
+    trace.ended_by = "max_iters"
+    while state.iteration < budget.max_iters:
+        if state.nfe >= budget.max_nfe or state.nfe + max_call_nfe > budget.max_nfe:
+            trace.ended_by = "max_nfe"
+            break
+        state.iteration += 1
+        index = len(trace.steps)
+
+        # 1. the controller proposes; the schema and the state decide whether it may run
+        raw = controller.next(state)
+        try:
+            step = Step.from_dict(raw, grid)
+            err = transition_error(step, state.scene, state.calls)
+            if err:
+                raise SchemaError(err)
+        except (SchemaError, TypeError, ValueError) as e:  # TypeError: e.g. an unhashable value in a field
+            state.rejected += 1
+            trace.steps.append(StepRecord(index, "rejected", None, note=str(e), raw=repr(raw)[:500]))
+            continue
+        if step.op == "stop":
+            trace.steps.append(StepRecord(index, "stop", step.to_dict(), instruction="stop"))
+            trace.ended_by = "stop"
+            break
+        key = step_key(step)
+        kind = ("generate" if step.op == "generate" else "retry" if state.failures.get(key)
+                else "plan" if step.to_dict() in plan.steps else "correction")
+
+        # 2. generate: one step, grounded at the cells it names, conditioned on the trace and the canvas
+        req = GenRequest(step.instruction(), trace=list(accepted),
+                         reference=None if step.op == "generate" else canvas,
+                         regions=step.regions(), seed=seed * 100_003 + state.iteration)
+        t_own = _add_time(trace, t_own)
+        result = yield req
+        t_own = time.perf_counter()
+
+        # 3. verify: passive gates the step (undo on failure); active reads the whole canvas
+        after = verifier.perceive(result.image)
+        passive = verifier.passive(step, seen, after, plan)
+        keep = passive["ok"] or mode == "single"  # single-step has no gate: it is the baseline
+        state.calls += 1
+        state.nfe += result.nfe
+        max_call_nfe = max(max_call_nfe, result.nfe)
+        record = StepRecord(index, kind, step.to_dict(), step.instruction(), ". ".join(accepted), req.seed,
+                            canvas, result.image, passive, None, keep, result.nfe, result.seconds)
+        if keep:
+            canvas, seen = result.image, after
+            accepted.append(step.instruction())
+            state.scene, state.canvas = seen.scene, canvas
+            state.active = verifier.active(seen, plan)
+        else:
+            state.failures[key] = state.failures.get(key, 0) + 1
+        record.active = state.active
+        state.last_step, state.last_passive = step.to_dict(), passive
+        state.history.append({"step": step.to_dict(), "accepted": keep, "passive": passive})
+        trace.steps.append(record)
+        record.seconds += time.perf_counter() - t_own
+        trace.seconds += result.seconds
+
+    trace.final = canvas
+    trace.passed, trace.reason = bool(state.active["ok"]), state.active["reason"]
+    trace.nfe, trace.calls, trace.rejected = state.nfe, state.calls, state.rejected
+    _add_time(trace, t_own)
+    return trace
+
+
+def _add_time(trace: Trace, since: float) -> float:
+    """Add the loop's own time (planning, verification) since `since` to the trace; return now."""
+    now = time.perf_counter()
+    trace.seconds += now - since
+    return now
+
+
+def timed_generate(generator: Generator, req: GenRequest) -> GenResult:
+    t = time.perf_counter()
+    res = generator.generate(req)
+    res.seconds = time.perf_counter() - t
+    return res
+
+
+def run_loop(prompt: str, controller: Controller, generator: Generator, verifier: Verifier, budget: LoopCfg,
+             seed: int = 0, mode: str = "loop", grid: int = 4, cell: int = 16) -> Trace:
+    """Run the loop for one prompt, one generator call at a time."""
+    co = loop(prompt, controller, verifier, budget, seed, mode, grid, cell)
+    try:
+        req = next(co)
+        while True:
+            req = co.send(timed_generate(generator, req))
+    except StopIteration as done:
+        trace = done.value
+    trace.generator = getattr(generator, "name", type(generator).__name__)
+    return trace
+
+
+def run_many(jobs: Iterable[tuple[str, int]], controller: Controller, generator: Generator, verifier: Verifier,
+             budget: LoopCfg, mode: str = "loop", grid: int = 4, cell: int = 16,
+             batch_size: int = 64) -> list[Trace]:
+    """Run the loop for many (prompt, seed) jobs in lockstep: each round, every unfinished loop's pending
+    request goes to the generator in one batch (`generate_batch` when the backend has it). Each trace's
+    generator seconds are its share of the batch time, so seconds per prompt stay comparable."""
+    jobs = list(jobs)
+    traces: list[Trace | None] = [None] * len(jobs)
+    pending: dict[int, tuple[Coroutine, GenRequest]] = {}
+    for i, (prompt, seed) in enumerate(jobs):
+        co = loop(prompt, controller, verifier, budget, seed, mode, grid, cell)
+        _advance(i, co, None, pending, traces)
+    batched = getattr(generator, "generate_batch", None)
+    while pending:
+        ids = list(pending)[:batch_size]
+        reqs = [pending[i][1] for i in ids]
+        t = time.perf_counter()
+        results = batched(reqs) if batched else [generator.generate(r) for r in reqs]
+        share = (time.perf_counter() - t) / len(reqs)
+        for i, res in zip(ids, results):
+            res.seconds = share
+            co = pending.pop(i)[0]
+            _advance(i, co, res, pending, traces)
+    name = getattr(generator, "name", type(generator).__name__)
+    for tr in traces:
+        tr.generator = name
+    return traces  # type: ignore[return-value]
+
+
+def _advance(i: int, co: Coroutine, res: GenResult | None, pending: dict, traces: list) -> None:
+    try:
+        pending[i] = (co, next(co) if res is None else co.send(res))
+    except StopIteration as done:
+        traces[i] = done.value
+
+
+def load_generator(cfg: Config, model: str) -> Generator:
+    """`model`: base | distilled | a checkpoint folder (the `loop.generator` backend), or oracle | noisy-oracle."""
+    import clvr.models  # noqa: F401  (registers the world backend)
+    from clvr.generator import make_generator
+
+    if model in ("oracle", "noisy-oracle"):
+        return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell)
+    return make_generator(cfg.loop.generator, model=model)
+
+
+def build_roles(cfg: Config) -> tuple[Controller, Verifier]:
+    """The controller and verifier the config names (`loop.controller`, `loop.verifier`)."""
+    controller = make_controller(cfg.loop.controller, grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
+                                 max_prompt_chars=cfg.loop.max_prompt_chars)
+    return controller, make_verifier(cfg.loop.verifier, grid=cfg.world.grid)

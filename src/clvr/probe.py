@@ -1,0 +1,281 @@
+"""Evaluation of the loop against single-step generation with the same backbone.
+
+* `run_probe`: the complexity probe. Held-out seeded prompts at each of the 10 tiers, generated in both
+  modes and judged against their own metadata: per-tier pass rate, AUC Pass, median C_task of passed
+  prompts, I_eff, NFEs, generator calls and seconds per prompt.
+* `run_geneval_world`: the six GenEval suites in world vocabulary, both modes, judged.
+* `run_speed`: the efficiency table: 1-4 loop iterations x (base at 28 steps + CFG, distilled at 4 NFE).
+
+AUC Pass. For tier t let c_t be the mean C_task of its prompts and p_t its pass rate. Then
+    AUC = 100 * sum_t (c_{t+1} - c_t) * (p_t + p_{t+1}) / 2  /  (c_T - c_1),
+the trapezoid area under pass rate vs C_task over the probed range, normalised so that passing every prompt
+gives 100 and passing none gives 0 (comparable across probes with different C_task ranges).
+
+I_eff (spectral capacity). For every weight matrix W of the generator's backbone (parameters with 2+ dims,
+reshaped to (out, -1)), the effective rank erank(W) = exp(H(p)) with p_i = s_i / sum_j s_j over W's singular
+values s (Roy & Vetterli, 2007): the number of directions the layer actually uses. I_eff = sum over matrices.
+It is a property of the weights alone, so single-step and loop (same backbone) have the same I_eff by
+construction: any gain of the loop is not extra capacity. Backends without weights (oracles) report None.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from clvr.config import Config
+from clvr.generator import Generator
+from clvr.loop.run import build_roles, run_loop, run_many
+from clvr.loop.trace import atomic_write_text, save_png
+
+TIERS = tuple(range(1, 11))
+MODES = ("single", "loop")
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+
+def auc_pass(c_task: list[float], pass_rate: list[float]) -> float:
+    """Normalised trapezoid area under pass rate vs C_task (0..100); see the module docstring."""
+    x, y = np.asarray(c_task, float), np.asarray(pass_rate, float)
+    order = np.argsort(x, kind="stable")
+    x, y = x[order], y[order]
+    if len(x) < 2 or x[-1] == x[0]:
+        return float(100 * y.mean()) if len(y) else 0.0
+    return float(100 * np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0]))
+
+
+def effective_rank(w: np.ndarray) -> float:
+    s = np.linalg.svd(w.reshape(w.shape[0], -1).astype(np.float64), compute_uv=False)
+    s = s[s > 0]
+    if not len(s):
+        return 0.0
+    p = s / s.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def backbone_modules(generator: Generator) -> list:
+    """The torch modules that make up the generator's denoiser (what I_eff measures)."""
+    import torch
+
+    found = []
+    for holder in (generator, getattr(generator, "pipe", None), getattr(generator, "pipeline", None)):
+        for name in ("transformer", "denoiser", "model", "net"):
+            m = getattr(holder, name, None) if holder is not None else None
+            if isinstance(m, torch.nn.Module) and all(m is not f for f in found):
+                found.append(m)
+        if found:
+            break
+    return found
+
+
+def i_eff(generator: Generator) -> float | None:
+    """Sum of effective ranks of the backbone's weight matrices (None when it has no weights)."""
+    mods = backbone_modules(generator)
+    if not mods:
+        return None
+    total = 0.0
+    for m in mods:
+        for _, p in m.named_parameters():
+            if p.ndim >= 2 and min(p.shape[0], int(np.prod(p.shape[1:]))) > 1:
+                total += effective_rank(p.detach().float().cpu().numpy())
+    return round(total, 3)
+
+
+# ---- prompts ---------------------------------------------------------------------------------------------
+
+def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS) -> list[dict]:
+    """Held-out seeded prompts: `n_per_tier` per tier from the grammar, from the eval seed (not training's)."""
+    from clvr.world.grammar import sample_prompt
+
+    out = []
+    for tier in tiers:
+        rng = np.random.default_rng([seed, tier])
+        out += [sample_prompt(tier, rng, grid) for _ in range(n_per_tier)]
+    return out
+
+
+def judge_final(metadata: dict, image: np.ndarray) -> bool:
+    """The verdict on a final canvas against the prompt's own metadata (not the parser's reading of it)."""
+    from clvr.judge import judge_image
+
+    return bool(judge_image(metadata, image)[0])
+
+
+def run_mode(cfg: Config, generator: Generator, prompts: list[dict], mode: str, seed: int) -> list[dict]:
+    """Generate every prompt in one mode (batched across prompts); one row per prompt."""
+    controller, verifier = build_roles(cfg)
+    traces = run_many([(md["prompt"], seed + i) for i, md in enumerate(prompts)], controller, generator,
+                      verifier, cfg.loop, mode, cfg.world.grid, cfg.world.cell, cfg.eval.batch_size)
+    rows = []
+    for md, tr in zip(prompts, traces):
+        rows.append({"prompt": md["prompt"], "tier": md.get("tier"), "tag": md.get("tag"),
+                     "c_task": md.get("c_task"), "passed": judge_final(md, tr.final), "nfe": tr.nfe,
+                     "calls": tr.calls, "seconds": tr.seconds, "retries": tr.retries,
+                     "corrections": tr.corrections, "rejected": tr.rejected, "ended_by": tr.ended_by,
+                     "final": tr.final})
+    return rows
+
+
+def summarize(rows: list[dict], capacity: float | None) -> dict:
+    tiers = sorted({r["tier"] for r in rows})
+    by = {t: [r for r in rows if r["tier"] == t] for t in tiers}
+    rate = {t: sum(r["passed"] for r in by[t]) / len(by[t]) for t in tiers}
+    c_mean = {t: float(np.mean([r["c_task"] for r in by[t]])) for t in tiers}
+    passed_c = [r["c_task"] for r in rows if r["passed"]]
+    return {
+        "auc": round(auc_pass([c_mean[t] for t in tiers], [rate[t] for t in tiers]), 2),
+        "i_eff": capacity,
+        "per_tier": {str(t): round(rate[t], 3) for t in tiers},
+        "c_task_per_tier": {str(t): round(c_mean[t], 2) for t in tiers},
+        "median_c_task_passed": float(statistics.median(passed_c)) if passed_c else None,
+        "nfe_mean": round(float(np.mean([r["nfe"] for r in rows])), 2),
+        "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
+        "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4),
+        "s_per_prompt_per_tier": {str(t): round(float(np.mean([r["seconds"] for r in by[t]])), 4) for t in tiers},
+        "retries_mean": round(float(np.mean([r["retries"] for r in rows])), 3),
+        "corrections_mean": round(float(np.mean([r["corrections"] for r in rows])), 3),
+        "rejected": int(sum(r["rejected"] for r in rows)),
+        "n": len(rows),
+    }
+
+
+# ---- the probe -------------------------------------------------------------------------------------------
+
+def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, tiers=TIERS,
+              out: str | Path | None = None, log=print) -> dict:
+    """Single-step vs loop on the same held-out prompts and the same generator. Writes probe.json,
+    probe_rows.jsonl and probe.png under `out` (default cfg.eval.out) and returns the summary."""
+    n = n_per_tier or cfg.eval.n_per_tier
+    prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
+    capacity = i_eff(generator)  # one backbone, one figure: both modes report it
+    result, rows_all = {}, []
+    for mode in MODES:
+        t = time.perf_counter()
+        rows = run_mode(cfg, generator, prompts, mode, cfg.eval.seed)
+        result[mode] = summarize(rows, capacity)
+        log(f"{mode:>6}: auc {result[mode]['auc']:.1f}  pass/tier {list(result[mode]['per_tier'].values())}  "
+            f"{result[mode]['calls_mean']:.2f} calls  {result[mode]['s_per_prompt']:.3f} s/prompt  "
+            f"({time.perf_counter() - t:.1f} s)")
+        rows_all += [{**{k: v for k, v in r.items() if k != "final"}, "mode": mode} for r in rows]
+    result["auc_ratio"] = round(result["loop"]["auc"] / result["single"]["auc"], 3) if result["single"]["auc"] else None
+    result["generator"] = getattr(generator, "name", type(generator).__name__)
+    result["n_per_tier"] = n
+    out = Path(out or cfg.eval.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "probe.json", json.dumps(result, indent=1))
+    atomic_write_text(out / "probe_rows.jsonl", "".join(json.dumps(r) + "\n" for r in rows_all))
+    plot_probe(result, out / "probe.png")
+    result["plot"] = str(out / "probe.png")
+    return result
+
+
+def plot_probe(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for mode, style in (("single", "o--"), ("loop", "s-")):
+        r = result[mode]
+        tiers = list(r["per_tier"])
+        ax.plot([r["c_task_per_tier"][t] for t in tiers], [r["per_tier"][t] for t in tiers], style,
+                label=f"{mode} (AUC {r['auc']:.1f})")
+    ax.set_xlabel("C_task (mean per tier)")
+    ax.set_ylabel("pass rate")
+    ax.set_ylim(-0.03, 1.03)
+    cap = result["loop"]["i_eff"]
+    ax.set_title(f"{result['generator']}: single-step vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---- GenEval suites in the world ----------------------------------------------------------------------
+
+def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None = None,
+                      out: str | Path | None = None, log=print) -> dict:
+    """The six GenEval suites through generation + the judge, in both modes. Also writes each mode's images
+    in GenEval's folder layout (out/geneval-world/<mode>/NNNNN/{metadata.jsonl,samples/0000.png}) so
+    `clvr eval geneval` can score them independently."""
+    from clvr.world.grammar import geneval_suite
+
+    n = n_per_tag or cfg.eval.geneval_n
+    prompts = []
+    for k, tag in enumerate(GENEVAL_TAGS):
+        prompts += [dict(md, tag=md.get("tag", tag)) for md in geneval_suite(tag, n, np.random.default_rng([cfg.eval.seed, 7, k]))]
+    root = Path(out or cfg.eval.out) / "geneval-world"
+    result: dict = {}
+    for mode in MODES:
+        rows = run_mode(cfg, generator, prompts, mode, cfg.eval.seed)
+        per_tag = {tag: round(float(np.mean([r["passed"] for r in rows if r["tag"] == tag])), 3)
+                   for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
+        result[mode] = {"overall": round(float(np.mean(list(per_tag.values()))), 3), "per_tag": per_tag,
+                        "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
+                        "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
+        log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
+        write_geneval_layout(root / mode, prompts, [r["final"] for r in rows])
+    result["generator"] = getattr(generator, "name", type(generator).__name__)
+    result["n_per_tag"] = n
+    atomic_write_text(root / "summary.json", json.dumps(result, indent=1))
+    return result
+
+
+def write_geneval_layout(root: Path, prompts: list[dict], images: list[np.ndarray]) -> None:
+    for i, (md, img) in enumerate(zip(prompts, images)):
+        d = root / f"{i:05d}"
+        (d / "samples").mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "metadata.jsonl", json.dumps(md) + "\n")
+        save_png(img, d / "samples" / "0000.png")
+
+
+# ---- efficiency table ----------------------------------------------------------------------------------
+
+def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = None, max_iters: int = 4,
+              tier: int = 8, log=print) -> dict:
+    """Seconds per prompt for a loop of exactly k = 1..max_iters generator calls (budget max_iters = k, one
+    prompt at a time as `clvr generate` runs it), per generator; speedup = first / second. Prompts come from
+    `tier` (every tier-8 prompt has >= 5 objects, so no loop stops before k calls). The generators take
+    turns prompt by prompt and each cell is the median, so load from other processes hits both alike."""
+    import torch
+
+    n = n or cfg.eval.speed_n
+    prompts = probe_prompts(n, cfg.eval.seed + 1, cfg.world.grid, (tier,))
+    names = list(generators)
+    controller, verifier = build_roles(cfg)
+    for gen in generators.values():  # warm-up (first-call allocations, lazy imports)
+        run_loop(prompts[0]["prompt"], controller, gen, verifier, replace(cfg.loop, max_iters=1), 0, "loop",
+                 cfg.world.grid, cfg.world.cell)
+    rows = []
+    for k in range(1, max_iters + 1):
+        budget = replace(cfg.loop, max_iters=k, max_nfe=10**9)
+        secs: dict[str, list[float]] = {name: [] for name in names}
+        nfes: dict[str, list[int]] = {name: [] for name in names}
+        for i, md in enumerate(prompts):
+            for name, gen in generators.items():
+                t = time.perf_counter()
+                tr = run_loop(md["prompt"], controller, gen, verifier, budget, cfg.eval.seed + i, "loop",
+                              cfg.world.grid, cfg.world.cell)
+                secs[name].append(time.perf_counter() - t)
+                nfes[name].append(tr.nfe)
+        row: dict = {"iterations": k}
+        for name in names:
+            row[f"{name}_s"] = round(float(np.median(secs[name])), 4)
+            row[f"{name}_nfe"] = round(float(np.mean(nfes[name])), 1)
+        if len(names) >= 2:
+            row["speedup"] = round(row[f"{names[0]}_s"] / max(row[f"{names[1]}_s"], 1e-9), 2)
+        log("  ".join(f"{k_}={v}" for k_, v in row.items()))
+        rows.append(row)
+    speedups = [r["speedup"] for r in rows if "speedup" in r]
+    return {"rows": rows, "speedup_mean": round(float(np.mean(speedups)), 2) if speedups else None,
+            "models": names, "n": n, "tier": tier, "device": "cpu", "torch_threads": torch.get_num_threads()}
