@@ -1,0 +1,49 @@
+"""`clvr world pretrain`, `clvr world distill`, `clvr world bench-generator`."""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+from clvr.cli import ProfileOpt
+from clvr.cli.groups import world_app
+from clvr.config import load_config
+
+Overrides = typer.Argument(None, help="key=value config overrides, e.g. pretrain.steps=100")
+
+
+@world_app.command("pretrain")
+def pretrain(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Train the world generator (resumes from the newest checkpoint in pretrain.out). Last line: JSON metrics."""
+    from clvr.train.pretrain import run
+
+    res = run(load_config(profile, overrides))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
+@world_app.command("distill")
+def distill(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Distill the base into a 4-NFE student, guidance folded in. Last line: JSON metrics."""
+    from clvr.train.distill import run
+
+    res = run(load_config(profile, overrides))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
+@world_app.command("bench-generator")
+def bench_generator(model: str = typer.Option("base", "--model", help="base | a checkpoint folder (base model)"),
+                    distilled: str = typer.Option("distilled", "--distilled", help="distilled | a checkpoint folder"),
+                    trials: int = typer.Option(100, help="edits per op"),
+                    prompts: int = typer.Option(50, help="single-step prompts per tier"),
+                    overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Edit success per op (base at 28 steps + CFG, distilled at 4 NFE), single-step pass per tier, speed.
+    Last line: one JSON object."""
+    import torch
+
+    from clvr.train.bench import run_bench
+
+    cfg = load_config(profile, overrides)
+    torch.set_num_threads(cfg.pretrain.threads)
+    typer.echo(json.dumps(run_bench(cfg, model, distilled, trials, prompts)))

@@ -1,0 +1,112 @@
+"""The `world` generator backend: one call = one step, on the shipped (or a given) WorldPipeline checkpoint.
+
+`make_generator("world", model="base" | "distilled" | <checkpoint folder>, steps=None, guidance=None)`.
+base samples at its recorded default (28 steps + CFG), distilled at 4 NFE without CFG (guidance folded in).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clvr.errors import CheckpointError
+from clvr.generator import GenRequest, GenResult, register_generator
+from clvr.models.pipeline import WorldPipeline
+from clvr.train.data import join_text
+from clvr.world.render import blank
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+SHIPPED = ("base", "distilled")
+
+
+def resolve_model(model: str) -> Path:
+    """"base" | "distilled" -> the shipped folder; anything else is a checkpoint folder path."""
+    return WEIGHTS_DIR / model if model in SHIPPED else Path(model)
+
+
+def load_pipeline(model: str | Path) -> WorldPipeline:
+    """Load a WorldPipeline checkpoint folder (safetensors only); CheckpointError naming the path otherwise."""
+    path = resolve_model(str(model))
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"no generator checkpoint at '{path}' (missing {index.name})")
+    try:
+        if json.loads(index.read_text()).get("_class_name") != "WorldPipeline":
+            raise CheckpointError(f"'{path}' is not a world generator checkpoint (model_index.json class)")
+        with _quiet_loading():
+            pipe = WorldPipeline.from_pretrained(str(path), use_safetensors=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # corrupt / truncated / mismatched files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load generator checkpoint '{path}': {msg}") from None
+    pipe.transformer.eval()
+    pipe.text_encoder.eval()
+    return pipe
+
+
+@contextmanager
+def _quiet_loading():
+    """No "Loading pipeline components" / "Loading weights" progress bars for a 4 MB checkpoint."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.disable_progress_bar(), tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        dlog.enable_progress_bar(), tlog.enable_progress_bar()
+
+
+class WorldGenerator:
+    """Generator role on a WorldPipeline. `generate_batch` runs many requests in one batched sampling."""
+
+    def __init__(self, pipe: WorldPipeline, steps: int | None = None, guidance: float | None = None,
+                 name: str = "world"):
+        self.pipe = pipe
+        self.steps = int(steps or pipe.config.default_steps)
+        self.guidance = float(pipe.config.default_guidance if guidance is None else guidance)
+        self.name = name
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.guidance > 1.0 else 1)
+
+    def generate(self, req: GenRequest) -> GenResult:
+        return self.generate_batch([req])[0]
+
+    def generate_batch(self, reqs: list[GenRequest], max_batch: int = 256) -> list[GenResult]:
+        out: list[GenResult] = []
+        for i in range(0, len(reqs), max_batch):
+            out += self._batch(reqs[i:i + max_batch])
+        return out
+
+    def _batch(self, reqs: list[GenRequest]) -> list[GenResult]:
+        t0 = time.perf_counter()
+        g, cell = self.pipe.config.grid, self.pipe.config.cell
+        refs = np.stack([blank(g, cell) if r.reference is None else np.asarray(r.reference, np.uint8) for r in reqs])
+        if refs.shape[1:] != (g * cell, g * cell, 3):
+            raise CheckpointError(f"reference canvas {refs.shape[1:]} does not match the model's "
+                                  f"{g * cell}x{g * cell}x3")
+        regions = np.zeros((len(reqs), g * g), np.float32)
+        for i, r in enumerate(reqs):
+            for row, col in r.regions:
+                regions[i, row * g + col] = 1.0
+        edit = np.array([r.reference is not None for r in reqs])
+        texts = [join_text(list(r.trace), r.instruction) for r in reqs]
+        with torch.inference_mode():
+            images = self.pipe.sample(texts, refs, regions, edit, [r.seed for r in reqs], self.steps, self.guidance)
+        dt = (time.perf_counter() - t0) / len(reqs)
+        return [GenResult(img, self.nfe, dt) for img in images]
+
+
+@register_generator("world")
+def world_generator(model: str = "base", steps: int | None = None, guidance: float | None = None,
+                    **_: object) -> WorldGenerator:
+    name = f"world-{model}" if model in SHIPPED else f"world:{model}"
+    return WorldGenerator(load_pipeline(model), steps, guidance, name=name)

@@ -1,0 +1,172 @@
+"""The world's generator as a diffusers pipeline: tiny `Flux2Transformer2DModel` + tiny `Qwen3Model` text encoder
++ world tokenizer + `FlowMatchEulerDiscreteScheduler`, in diffusers folder layout (model_index.json, one
+sub-folder per component, safetensors weights; loading never unpickles).
+
+Conditioning path as FLUX.2 [klein]: text tokens are `encoder_hidden_states`; the reference canvas enters as
+extra image tokens appended after the noisy tokens, with position ids offset on the T axis (t=10, as
+`Flux2KleinPipeline._prepare_image_ids`). Tokens are grid cells: one 16x16x3 patch = 768 features per token,
+plus one grounding channel that marks the cells a step names (GLIGEN-like: the controller knows the layout).
+
+Outputs per noisy token: a clean-image (x0) prediction as a residual on the reference, and one gate logit.
+Sampling composes x0 = reference + gate * (new - reference): copy-by-construction outside the gate. The gate is
+the grounded regions when the request has them, else the net's own gate taken at the first step and held as a
+hard mask (edits), or re-read each step and thresholded at the end (text-to-image, whose reference is blank).
+Every output is snapped to the world palette, so the next step reads a clean canvas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+from clvr.models.tokenizer import build_tokenizer
+from clvr.world.vocab import BACKGROUND, COLORS
+
+REF_T = 10  # T-axis offset of reference-image tokens (as Flux2KleinPipeline)
+PALETTE = np.array([BACKGROUND, *COLORS.values()], np.uint8)  # (5, 3)
+
+
+@dataclass
+class Cond:
+    """One batch of conditioning: reference tokens, grounding flags, text embeddings (cond and uncond)."""
+
+    ref: torch.Tensor  # (B, N, F) in [-1, 1]
+    region: torch.Tensor  # (B, N) 1 = a cell the step names
+    text: torch.Tensor  # (B, L, D)
+    text_uncond: torch.Tensor | None = None  # (B, L, D) empty text, for CFG
+
+
+class WorldPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer"
+
+    def __init__(self, transformer: Flux2Transformer2DModel, text_encoder: Qwen3Model,
+                 tokenizer: PreTrainedTokenizerFast, scheduler: FlowMatchEulerDiscreteScheduler,
+                 grid: int = 4, cell: int = 16, max_text_len: int = 64, default_steps: int = 28,
+                 default_guidance: float = 2.0):
+        super().__init__()
+        self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+        self.register_to_config(grid=grid, cell=cell, max_text_len=max_text_len, default_steps=default_steps,
+                                default_guidance=default_guidance)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_sizes(cls, hidden: int, heads: int, double_layers: int, single_layers: int, text_hidden: int,
+                   text_layers: int, max_text_len: int, grid: int = 4, cell: int = 16, seed: int = 0,
+                   default_steps: int = 28, default_guidance: float = 2.0) -> "WorldPipeline":
+        """A freshly initialised tiny pipeline (deterministic under `seed`)."""
+        torch.manual_seed(seed)
+        tok = build_tokenizer(max_text_len)
+        feat = cell * cell * 3
+        head_dim = hidden // heads
+        if head_dim % 8 and head_dim % 4 == 0 and (head_dim // 4) % 2:
+            raise ValueError(f"hidden/heads = {head_dim} must split into 4 even RoPE axes")
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=feat + 1, out_channels=feat + 1, num_layers=double_layers,
+            num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
+            joint_attention_dim=text_hidden, timestep_guidance_channels=64, mlp_ratio=3.0,
+            axes_dims_rope=(head_dim // 4,) * 4, rope_theta=2000, guidance_embeds=False)
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
+            num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=text_hidden // 2, max_position_embeddings=max_text_len, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False))
+        return cls(transformer, text_encoder, tok, FlowMatchEulerDiscreteScheduler(shift=1.0), grid=grid,
+                   cell=cell, max_text_len=max_text_len, default_steps=default_steps,
+                   default_guidance=default_guidance)
+
+    # ---- tokens <-> images ----------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return self.config.grid ** 2
+
+    @property
+    def feat(self) -> int:
+        return self.config.cell ** 2 * 3
+
+    def to_tokens(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, grid*grid, cell*cell*3) float in [-1, 1], cells in row-major order."""
+        g, c = self.config.grid, self.config.cell
+        x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
+        b = x.shape[0]
+        return x.view(b, g, c, g, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, c * c * 3)
+
+    def from_tokens(self, tokens: torch.Tensor) -> np.ndarray:
+        """Inverse of `to_tokens`, snapped to the world palette -> (B, H, W, 3) uint8."""
+        g, c = self.config.grid, self.config.cell
+        b = tokens.shape[0]
+        x = tokens.view(b, g, g, c, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * c, g * c, 3)
+        return snap(((x.clamp(-1, 1) + 1) * 127.5).numpy())
+
+    # ---- network ------------------------------------------------------------------------------------
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Texts -> (B, max_text_len, D). Left-padded and truncated from the left: the newest words stay."""
+        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.max_text_len,
+                             return_tensors="pt")
+        return self.text_encoder(input_ids=enc["input_ids"]).last_hidden_state
+
+    def ids(self, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE position ids (T, H, W, L): noisy tokens at t=0, reference tokens at t=REF_T, text along L."""
+        g = self.config.grid
+        cells = torch.cartesian_prod(torch.arange(g), torch.arange(g))
+        zero = torch.zeros(g * g, 1, dtype=torch.long)
+        noisy = torch.cat([zero, cells, zero], 1)
+        ref = torch.cat([zero + REF_T, cells, zero], 1)
+        txt = torch.cat([torch.zeros(text_len, 3, dtype=torch.long), torch.arange(text_len)[:, None]], 1)
+        return torch.cat([noisy, ref]), txt
+
+    def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, text: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One network evaluation -> (x0 prediction (B, N, F), gate logits (B, N))."""
+        text = cond.text if text is None else text
+        flag = cond.region[..., None].to(x_t.dtype)
+        hidden = torch.cat([torch.cat([x_t, flag], -1), torch.cat([cond.ref, flag], -1)], 1)
+        img_ids, txt_ids = self.ids(text.shape[1])
+        out = self.transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=sigma,
+                               img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0][:, : x_t.shape[1]]
+        return cond.ref + out[..., : self.feat], out[..., self.feat]
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, texts: list[str], references: np.ndarray, regions: np.ndarray, edit: np.ndarray,
+               seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+        """Batched sampling. references (B, H, W, 3) uint8 (blank canvas for text-to-image); regions (B, N) 0/1;
+        edit (B,) bool. Returns snapped images (B, H, W, 3) uint8. Each sample's noise comes from its own seed,
+        so a request gives the same image alone or inside any batch."""
+        cfg = guidance > 1.0
+        ref = self.to_tokens(references)
+        region = torch.from_numpy(regions).float()
+        cond = Cond(ref, region, self.encode_text(texts), self.encode_text([""] * len(texts)) if cfg else None)
+        noise = torch.stack([torch.randn(ref.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in seeds])
+        grounded = torch.from_numpy(edit & (regions.sum(1) > 0))[:, None]
+        edit_t = torch.from_numpy(edit)[:, None]
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(steps)
+        x, hard, x0 = noise, None, ref
+        for i, t in enumerate(sched.timesteps):
+            sigma = (t / 1000).expand(len(texts))
+            new, gate = self.predict(x, sigma, cond)
+            if cfg:
+                new_u, _ = self.predict(x, sigma, cond, cond.text_uncond)
+                new = new_u + guidance * (new - new_u)
+            p = torch.sigmoid(gate)
+            if hard is None:  # first step: the edit's mask, held for the rest of sampling
+                hard = torch.where(grounded, region, (p > 0.5).float())
+            m = torch.where(edit_t, hard, p)  # text-to-image re-reads its (soft) gate every step
+            if i == len(sched.timesteps) - 1:
+                m = torch.where(edit_t, hard, (p > 0.5).float())
+            x0 = ref + m[..., None] * (new - ref)
+            v = (x - x0) / sigma[:, None, None].clamp_min(1e-4)
+            x = sched.step(v, t, x, return_dict=False)[0]
+        return self.from_tokens(x0)
+
+
+def snap(pixels: np.ndarray) -> np.ndarray:
+    """Nearest world colour per pixel: (..., 3) float/uint8 -> uint8."""
+    d = ((pixels[..., None, :].astype(np.float32) - PALETTE.astype(np.float32)) ** 2).sum(-1)
+    return PALETTE[d.argmin(-1)]

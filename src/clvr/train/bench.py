@@ -1,0 +1,128 @@
+"""Generator evaluation and the `clvr world bench-generator` benchmark.
+
+* per-edit success: a random reference canvas (+ the trace of adds that built it), one grounded edit step
+  (as the loop sends it: `Step.instruction()` + `Step.regions()`); success = the detected scene of the output
+  equals `step.apply(reference scene)` exactly (the edit done, nothing else changed).
+* single-step pass per tier: a grammar prompt of that tier, text-to-image in one call, judged by the world judge.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from clvr.generator import GenRequest
+from clvr.train.data import EDIT_OPS, random_edit
+from clvr.world.detector import detect, to_scene
+from clvr.world.render import render
+
+
+def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects: int = 10):
+    rng = np.random.default_rng([seed, EDIT_OPS.index(op)])
+    reqs, targets = [], []
+    for i in range(n):
+        scene, step, adds = random_edit(rng, grid, max_objects, op)
+        reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
+                               step.regions(), seed=seed * 1000 + i))
+        targets.append(step.apply(scene))
+    return reqs, targets
+
+
+def edit_success(gen, n: int, grid: int, cell: int, seed: int = 1234) -> dict[str, float]:
+    out = {}
+    for op in EDIT_OPS:
+        reqs, targets = edit_requests(op, n, grid, cell, seed)
+        res = gen.generate_batch(reqs)
+        out[op] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
+    return out
+
+
+def tier_prompts(tier: int, n: int, grid: int, seed: int) -> list[dict]:
+    from clvr.world.grammar import sample_prompt
+
+    rng = np.random.default_rng([seed, tier])
+    return [sample_prompt(tier, rng, grid=grid) for _ in range(n)]
+
+
+def single_step_pass(gen, n: int, grid: int, tiers: range | list[int], seed: int = 4321) -> dict[str, float]:
+    """Pass rate per tier (keys "1".."10"); {} when the world grammar is not installed."""
+    try:
+        from clvr.judge import judge_image
+        tier_prompts(1, 1, grid, seed)
+    except ImportError:
+        return {}
+    out = {}
+    for tier in tiers:
+        metas = tier_prompts(tier, n, grid, seed)
+        res = gen.generate_batch([GenRequest(m["prompt"], seed=seed + i) for i, m in enumerate(metas)])
+        out[str(tier)] = float(np.mean([judge_image(m, r.image)[0] for m, r in zip(metas, res)]))
+    return out
+
+
+def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int], seed: int = 99) -> dict[str, float]:
+    """The in-training evaluation: flat metrics {edit_<op>, edit_mean, single_tier<k>}."""
+    from clvr.models.backend import WorldGenerator
+
+    was_training = pipe.transformer.training
+    pipe.transformer.eval(), pipe.text_encoder.eval()
+    gen = WorldGenerator(pipe, steps, guidance)
+    g, c = pipe.config.grid, pipe.config.cell
+    es = edit_success(gen, trials, g, c, seed)
+    out = {f"edit_{k}": v for k, v in es.items()}
+    out["edit_mean"] = float(np.mean(list(es.values())))
+    out.update({f"single_tier{k}": v for k, v in single_step_pass(gen, trials, g, tiers, seed).items()})
+    if was_training:
+        pipe.transformer.train(), pipe.text_encoder.train()
+    return out
+
+
+def ms_per_image(gen, n: int, grid: int, cell: int, batch: int = 64) -> float:
+    reqs, _ = edit_requests("add", n, grid, cell, seed=777)
+    gen.generate_batch(reqs[:4])  # warm-up
+    t = time.perf_counter()
+    for i in range(0, n, batch):
+        gen.generate_batch(reqs[i:i + batch])
+    return 1000 * (time.perf_counter() - t) / n
+
+
+def train_samples_per_s(cfg, seconds: float = 10.0) -> float:
+    """Throughput of the pretrain step (data + forward + backward + optimiser) at cfg's model size/batch."""
+    from clvr.train.pretrain import Trainer
+
+    tr = Trainer(cfg, out=None)
+    tr.train_step()  # warm-up
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        tr.train_step()
+        n += cfg.pretrain.batch_size
+    return n / (time.perf_counter() - t)
+
+
+def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int = 100, prompts: int = 50,
+              tiers: int = 10, seed: int = 1234) -> dict:
+    from clvr.models.backend import WorldGenerator, load_pipeline
+
+    torch.manual_seed(0)
+    g, c = cfg.world.grid, cfg.world.cell
+    base_pipe, dist_pipe = load_pipeline(base), load_pipeline(distilled)
+    gen_base = WorldGenerator(base_pipe, cfg.sample.steps, cfg.sample.guidance)
+    gen_dist = WorldGenerator(dist_pipe, cfg.sample.distilled_steps, 1.0)
+    params = sum(p.numel() for p in base_pipe.transformer.parameters()) + \
+        sum(p.numel() for p in base_pipe.text_encoder.parameters())
+    eb, ed = edit_success(gen_base, trials, g, c, seed), edit_success(gen_dist, trials, g, c, seed)
+    sb = single_step_pass(gen_base, prompts, g, range(1, tiers + 1), seed)
+    sd = single_step_pass(gen_dist, prompts, g, range(1, tiers + 1), seed)
+    return {
+        "params": params,
+        "edit_trials": trials,
+        "edit_success": {"base_28_cfg": eb, "distilled_4": ed},
+        "distill_gap_max": max(abs(eb[k] - ed[k]) for k in eb),
+        "single_step_prompts": prompts,
+        "single_step_pass": {"base_28_cfg": sb, "distilled_4": sd},
+        "train_samples_per_s": round(train_samples_per_s(cfg), 1),
+        "ms_per_image_4": round(ms_per_image(gen_dist, 128, g, c), 2),
+        "ms_per_image_28": round(ms_per_image(gen_base, 128, g, c), 2),
+        "models": {"base": str(base), "distilled": str(distilled)},
+    }
