@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/clvr run --profile cpu
+	$(VENV)/bin/clvr pipeline run --profile cpu
 
 test: setup
 	$(PY) -m pytest

@@ -146,6 +146,42 @@ class MainCfg:
 
 
 @dataclass
+class SynthesizeCfg:
+    """The data engine (`synthesize` stage, clvr.synthesize): verified loop trajectories over the 10 tiers.
+    The work is a fixed list of jobs (prompt j: tier = tiers[j % len(tiers)]) cut into shards of `shard_size`;
+    a shard is the unit of batching, of atomic commit and of resume, so the output depends only on the
+    config, never on `workers` or on where a run was killed."""
+
+    out: str = "runs/synthesize"
+    generator: str = "world"  # generator registry key (clvr.generator)
+    model: str = ""  # "" = <distill.out>/final if present, else the shipped distilled; base | distilled | folder | oracle | noisy-oracle
+    n_per_tier: int = 220  # prompts per tier (trajectories attempted)
+    tiers: list[int] = field(default_factory=lambda: list(range(1, 11)))
+    shard_size: int = 64  # jobs per shard (also the generator batch)
+    workers: int = 2  # processes; the output is identical for any value
+    threads: int = 1  # torch threads per worker
+    seed: int = 0
+    ab_margin: float = 2.0  # A/B tie-break: artefact difference (mean |px|, 0..255) that counts as better
+
+
+@dataclass
+class PipelineCfg:
+    """`clvr pipeline run` (flows/retrain.py): what happens around the stages. Stage settings stay in their
+    own sections; this one is not a DVC param, so changing it never reruns a stage."""
+
+    experiment: str = "clvr"  # MLflow experiment
+    tag_runs: bool = True  # commit dvc.lock + params.yaml + metrics and tag the commit run/<date>-<shortid>
+    push: bool = True  # `dvc push` the run's outputs to the default DVC remote
+    retries: int = 2  # extra attempts of a stage task after a transient failure (not after bad input)
+    retry_delay_s: float = 5.0
+    register_model: str = "clvr-world-generator"  # MLflow registered model for the generator stages
+    champion_metric: str = "geneval_overall"  # eval metric `<stage>_<name>` that moves the `champion` alias
+    reproduce_tol: float = 0.0  # `clvr reproduce`: max |new - old| per metric (0 on CPU: runs are deterministic)
+    reproduce_ignore: list[str] = field(default_factory=lambda: ["*wall_s*", "*_eval_s", "*samples_per_s",
+                                                                 "*seconds*", "*s_per_prompt*"])
+
+
+@dataclass
 class Config:
     profile: str = "cpu"
     seed: int = 0
@@ -158,6 +194,8 @@ class Config:
     controller: ControllerCfg = field(default_factory=ControllerCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     main: MainCfg = field(default_factory=MainCfg)
+    synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)
+    pipeline: PipelineCfg = field(default_factory=PipelineCfg)
 
 
 def conf_dir() -> Path:
@@ -211,6 +249,14 @@ def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Con
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     cfg.profile = profile
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def load_config_file(path: str | Path) -> Config:
+    """A resolved config written by `to_yaml` (e.g. the pipeline's params.yaml), validated like a profile."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"no config file '{p}'")
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), _load_yaml(p), str(p)))  # type: ignore[return-value]
 
 
 def to_yaml(cfg: Config) -> str:

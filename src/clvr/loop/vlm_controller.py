@@ -1,0 +1,77 @@
+"""The "openai" controller backend: a VLM behind an OpenAI-compatible endpoint (clvr.vlm) proposes every next step.
+
+Planning stays symbolic: the world controller's parser and solver turn the prompt into constraints and a target
+layout (what the verifier and the judge check against). Each next step is the VLM's: it sees the prompt, the
+current canvas as an image, the steps so far with their passive reports, and the latest active report
+(`OpenAIController.propose`). The loop validates its answer like any controller output (schema + state), so it
+can never run an op outside the allowed set or past a budget. Single-step mode (the baseline) needs no VLM.
+
+When the endpoint gives no valid step within its bounded retries (`VLMControllerError`), the trajectory ends.
+The loop has no error channel from a controller, so `next` returns a give-up record instead of a step: the loop
+rejects it (a stop takes no arguments) and records it, its raw text carrying the error; the following call
+returns STOP. `controller_error(trace)` reads the error back (the data engine marks such trajectories
+`controller_error`).
+"""
+
+from __future__ import annotations
+
+import ast
+
+from clvr.config import ControllerCfg
+from clvr.loop.controller import STOP, WorldController
+from clvr.loop.roles import LoopState, Plan, register_controller
+from clvr.vlm import OpenAIController, VLMControllerError
+
+GAVE_UP = "controller_error"  # key of the give-up record
+
+
+class VLMController:
+    name = "openai"
+
+    def __init__(self, cfg: ControllerCfg, grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500):
+        self.world = WorldController(grid, retries_per_step, max_prompt_chars)
+        self.client = OpenAIController(cfg, grid)
+        self._ended: dict[int, LoopState] = {}  # states whose controller gave up (held, so ids stay unique)
+
+    @property
+    def stats(self):
+        """Wire statistics of the endpoint (clvr.vlm.VLMStats): requests, ok, retries, rejects by category."""
+        return self.client.stats
+
+    def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
+        return self.world.plan(prompt, mode, seed)
+
+    def next(self, state: LoopState) -> dict:
+        if state.plan.mode == "single":
+            return self.world.next(state)
+        if self._ended.pop(id(state), None) is not None:
+            return dict(STOP)
+        try:
+            step = self.client.propose(state.plan.prompt, state.canvas, state.history, state.active)
+        except VLMControllerError as e:
+            self._ended[id(state)] = state
+            return {"op": "stop", GAVE_UP: str(e)}
+        return step.to_dict()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def controller_error(trace) -> str | None:
+    """The endpoint error that ended a trajectory (from its give-up record), or None."""
+    for s in trace.steps:
+        if s.kind == "rejected" and GAVE_UP in s.raw:
+            try:
+                raw = ast.literal_eval(s.raw)
+            except (ValueError, SyntaxError):  # clipped at 500 characters
+                return s.raw
+            if isinstance(raw, dict) and GAVE_UP in raw:
+                return str(raw[GAVE_UP])
+    return None
+
+
+@register_controller("openai")
+def openai_loop_controller(grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
+                           controller_cfg: ControllerCfg | None = None) -> VLMController:
+    """Registry factory; the endpoint settings are the config's `controller` section (`controller_cfg`)."""
+    return VLMController(controller_cfg or ControllerCfg(), grid, retries_per_step, max_prompt_chars)

@@ -1,0 +1,241 @@
+"""The stage registry: the one list of pipeline stages. `dvc.yaml` is generated from it
+(`clvr pipeline dvc-yaml`), the Prefect flow runs its stages in order, `clvr stage NAME` runs one alone.
+
+Stage contract: `run(cfg: Config) -> {"metrics": {name: float}, "final": path | None}`, writing under its own
+out dir (`cfg.<section>.out`): `metrics.json` (final summary), and for training stages `metrics.jsonl` (one line
+per logged step), `checkpoints/step-NNNNNN/` and `final/` (a diffusers-layout model folder).
+
+Paths in the registry may name config values as `{section.key}`; dvc.yaml gets them as DVC `${...}`
+interpolations of `params.yaml`, the resolved config of the run (`write_params`), and every stage command
+reads that same file, so what DVC tracks is exactly what runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from clvr.config import Config, to_dict, to_yaml
+from clvr.errors import ClvrError
+
+PARAMS_FILE = "params.yaml"
+DVC_YAML_HEADER = "# Generated from src/clvr/stages.py by `clvr pipeline dvc-yaml`: edit the registry, not this file.\n"
+PARAMS_HEADER = ("# The resolved config of the last `clvr pipeline run` (written by clvr.stages.write_params).\n"
+                 "# DVC tracks its keys and every stage reads it; edit conf/ instead.\n")
+
+_TRAIN_CODE = ("src/clvr/stages.py", "src/clvr/train", "src/clvr/models", "src/clvr/world", "src/clvr/weights")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    func: str  # "module:function"
+    section: str  # config section with this stage's `out` (and `steps`, for resumable stages)
+    params: tuple[str, ...]  # params.yaml keys DVC tracks (changing one reruns the stage)
+    deps: tuple[str, ...]  # code and data the stage reads
+    outs: tuple[str, ...]  # cached outputs (DVC versions them)
+    metrics: tuple[str, ...] = ()  # JSON summaries, kept in git (cache: false)
+    plots: tuple[tuple[str, dict], ...] = ()  # (path, DVC plot props); cache: false
+    resumable: bool = False  # writes checkpoints/ and resumes from the newest one after a kill
+    generator: bool = False  # its final/ is a world generator (registered in MLflow, evaluated)
+    datasets: tuple[str, ...] = ()  # outs that are data sets (logged with their DVC digest)
+
+    def function(self) -> Callable[[Config], dict]:
+        mod, _, fn = self.func.partition(":")
+        return getattr(importlib.import_module(mod), fn)
+
+    def out(self, cfg: Config) -> Path:
+        return Path(getattr(cfg, self.section).out)
+
+    def cmd(self) -> str:
+        return f"clvr stage {self.name} --params {PARAMS_FILE}"
+
+
+def _train_stage(name: str, func: str, params: tuple[str, ...], extra_deps: tuple[str, ...] = ()) -> Stage:
+    o = f"{{{name}.out}}"
+    return Stage(name=name, func=func, section=name, params=params, deps=(*extra_deps, *_TRAIN_CODE),
+                 outs=(f"{o}/final",), metrics=(f"{o}/metrics.json",),
+                 plots=((f"{o}/curve.json", {"x": "step", "y": "loss", "title": f"{name}: training loss"}),),
+                 resumable=True, generator=True)
+
+
+STAGES: list[Stage] = [
+    _train_stage("pretrain", "clvr.train.pretrain:run", ("seed", "world", "generator", "sample", "pretrain")),
+    _train_stage("distill", "clvr.train.distill:run", ("seed", "world", "generator", "sample", "pretrain", "distill"),
+                 extra_deps=("{pretrain.out}/final",)),
+    Stage(name="evaluate", func="clvr.evaluate:run", section="eval",
+          params=("seed", "world", "sample", "loop", "eval"),
+          deps=("{pretrain.out}/final", "{distill.out}/final", "src/clvr/stages.py", "src/clvr/evaluate.py",
+                "src/clvr/probe.py", "src/clvr/judge.py", "src/clvr/generator.py", "src/clvr/loop", "src/clvr/models",
+                "src/clvr/world"),
+          outs=("{eval.out}/prompts.jsonl", "{eval.out}/samples.png"),
+          metrics=("{eval.out}/metrics.json",),
+          plots=(("{eval.out}/geneval.json", {"template": "bar_horizontal", "x": "accuracy", "y": "group",
+                                              "title": "GenEval (world), single step"}),
+                 ("{eval.out}/geneval.png", {})),
+          datasets=("{eval.out}/prompts.jsonl",)),
+    Stage(name="synthesize", func="clvr.synthesize:run", section="synthesize",
+          params=("world", "loop", "controller", "synthesize"),
+          deps=("{distill.out}/final", "src/clvr/stages.py", "src/clvr/synthesize.py", "src/clvr/trajectories.py",
+                "src/clvr/judge.py", "src/clvr/generator.py", "src/clvr/vlm.py", "src/clvr/loop", "src/clvr/models",
+                "src/clvr/world", "src/clvr/weights"),
+          outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
+          metrics=("{synthesize.out}/metrics.json",),
+          datasets=("{synthesize.out}/trajectories.jsonl",)),
+]
+
+
+def stage_names() -> list[str]:
+    return [s.name for s in STAGES]
+
+
+def get_stage(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise ClvrError(f"unknown stage '{name}' (known: {', '.join(stage_names())})")
+
+
+# ---- paths with config references ------------------------------------------------------------------------
+
+_REF = re.compile(r"\{([a-z_]+(?:\.[a-z_]+)*)\}")
+
+
+def resolve(path: str, cfg: Config) -> str:
+    """'{pretrain.out}/final' -> 'runs/ci/pretrain/final' for this config."""
+    def value(m: re.Match) -> str:
+        v = to_dict(cfg)
+        for k in m.group(1).split("."):
+            v = v[k]
+        return str(v)
+
+    return _REF.sub(value, path)
+
+
+def _dvc_path(path: str) -> str:
+    return _REF.sub(r"${\1}", path)
+
+
+# ---- dvc.yaml ----------------------------------------------------------------------------------------------
+
+def dvc_stages(stages: list[Stage] | None = None) -> dict:
+    """The `stages:` mapping of dvc.yaml."""
+    out = {}
+    for s in stages or STAGES:
+        d: dict = {"cmd": s.cmd(), "deps": [_dvc_path(p) for p in s.deps], "params": list(s.params),
+                   "outs": [_dvc_path(p) for p in s.outs]}
+        if s.metrics:
+            d["metrics"] = [{_dvc_path(p): {"cache": False}} for p in s.metrics]
+        if s.plots:
+            d["plots"] = [{_dvc_path(p): {"cache": False, **props}} for p, props in s.plots]
+        out[s.name] = d
+    return out
+
+
+def dvc_yaml(stages: list[Stage] | None = None) -> str:
+    return DVC_YAML_HEADER + yaml.safe_dump({"stages": dvc_stages(stages)}, sort_keys=False, width=120)
+
+
+def write_params(root: Path, cfg: Config) -> Path:
+    """Write the resolved config as params.yaml (atomically): what DVC tracks and what every stage reads."""
+    path = Path(root) / PARAMS_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(PARAMS_HEADER + to_yaml(cfg))
+    os.replace(tmp, path)
+    return path
+
+
+# ---- running one stage -------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    """Same seeds and deterministic kernels in every stage process (reproduce compares with tolerance 0)."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-[0-9]*"))
+    return ckpts[-1] if ckpts else None
+
+
+def prepare_resume(stage: Stage, cfg: Config, log: Callable[[str], None] = print) -> int:
+    """Keep the newest checkpoint only when it belongs to an unfinished run of this same config; then the
+    stage resumes from it. A finished run or another config means DVC asked for a fresh run, so the old
+    checkpoints and step log (already in MLflow) are cleared. Returns the step the stage will start from."""
+    out = stage.out(cfg)
+    ck = latest_checkpoint(out)
+    if ck is None:
+        return 0
+    try:
+        state = json.loads((ck / "state.json").read_text())
+        step = int(state["step"])
+    except (OSError, ValueError, KeyError):
+        state, step = {}, -1
+    now, then = to_dict(cfg), state.get("config")
+    same = then is None or all(_without_out(then.get(k)) == _without_out(now.get(k)) for k in stage.params)
+    steps = getattr(getattr(cfg, stage.section), "steps", None)
+    if step >= 0 and same and (steps is None or step < steps):
+        log(f"[{stage.name}] resuming from {ck.relative_to(out)} (step {step})")
+        return step
+    why = "a finished run" if same and step >= 0 else "another config" if step >= 0 else "an unreadable checkpoint"
+    log(f"[{stage.name}] starting fresh: the checkpoints in {out} are from {why}")
+    shutil.rmtree(out / "checkpoints")
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    return 0
+
+
+def _without_out(section):
+    """A config section minus where it writes (a moved run folder is still the same run)."""
+    return {k: v for k, v in section.items() if k != "out"} if isinstance(section, dict) else section
+
+
+def write_curve(out: Path) -> Path | None:
+    """metrics.jsonl's train lines as a JSON list (DVC plots read .json, not .jsonl)."""
+    src = out / "metrics.jsonl"
+    if not src.is_file():
+        return None
+    rows = []
+    for line in src.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("split") == "train":
+            rows.append({k: v for k, v in row.items() if k != "split"})
+    path = out / "curve.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, path)
+    return path
+
+
+def run_stage(name: str, cfg: Config) -> dict:
+    """Run one stage in this process: seeds, resume-or-fresh, the stage function, the DVC plot of its curve."""
+    stage = get_stage(name)
+    seed_everything(cfg.seed)
+    out = stage.out(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if stage.resumable:
+        prepare_resume(stage, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = stage.function()(cfg)
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        raise TypeError(f"stage '{name}' returned {type(result).__name__}, not {{'metrics': ..., 'final': ...}}")
+    if stage.resumable:
+        write_curve(out)
+    return result

@@ -1,0 +1,280 @@
+"""End to end on real parts: the `retrain` Prefect flow (Prefect test harness) on the ci profile, in a copy of
+this project in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflow store in it).
+
+One pipeline run is shared by the assertions. In it, pretrain is given 12 steps (checkpoints at 4, 8, 12) and
+its process is killed with SIGKILL once the first checkpoint exists: the Prefect task retries, the stage resumes
+from its checkpoint, and the run still completes."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from clvr.errors import ClvrError
+from clvr.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("src/", "conf/", "flows/", "tasks/", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
+                 ".gitignore", "pyproject.toml")
+MODEL = "clvr-world-generator"
+NAMES = [st.name for st in STAGES]
+LONGER_PRETRAIN = ["pretrain.steps=12", "pretrain.ckpt_every=4", "pretrain.eval_every=12", "pipeline.retry_delay_s=0"]
+
+
+def copy_project(dest: Path) -> Path:
+    """This project's files (tracked and untracked, not ignored) as the first commit of a new git repo."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    for rel in listed:
+        if rel.startswith(PROJECT_FILES) and "__pycache__" not in rel and (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dest / rel).write_bytes((ROOT / rel).read_bytes())
+    for cmd in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(["git", *cmd], cwd=dest, check=True)
+    return dest
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def clvr(root: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "clvr", *args], cwd=root, capture_output=True, text=True, env=env)
+
+
+def kill_when(path: Path, name: str, timeout: float = 300.0) -> threading.Thread:
+    """Kill this test's `clvr stage NAME` process (SIGKILL) as soon as `path` exists."""
+    def watch():
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if path.exists():
+                for p in psutil.Process().children(recursive=True):
+                    try:
+                        if "stage" in p.cmdline() and name in p.cmdline():
+                            p.kill()
+                            return
+                    except psutil.NoSuchProcess:
+                        continue
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    old = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    with prefect_test_harness():
+        yield
+    if old is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def run1(harness, tmp_path_factory):
+    from flows.retrain import retrain
+
+    root = copy_project(tmp_path_factory.mktemp("project"))
+    first_commit = git(root, "rev-parse", "HEAD")
+    killer = kill_when(root / "runs" / "ci" / "pretrain" / "checkpoints" / "step-000004", "pretrain")
+    res = retrain(profile="ci", overrides=LONGER_PRETRAIN, root=str(root))
+    killer.join(1)
+    return root, first_commit, res
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(run1):
+    from tasks.tracking import make_client
+
+    return make_client(run1[0])
+
+
+def attempts(client, parent_id: str) -> list:
+    """Every stage attempt under a parent run, in the order they started."""
+    runs = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent_id}'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def nested(client, parent_id: str) -> dict:
+    """Stage name -> its finished attempt."""
+    return {r.data.tags["stage"]: r for r in attempts(client, parent_id) if r.info.status == "FINISHED"}
+
+
+def evaluated(res: dict) -> dict:
+    return next(r["metrics"] for r in res["stages"] if r["stage"] == "evaluate")
+
+
+def test_run_records_parent_and_stage_runs(run1, mlflow_client):
+    root, first_commit, res = run1
+    c = mlflow_client
+    assert [(r["stage"], r["status"]) for r in res["stages"]] == [(n, "ran") for n in NAMES]
+    assert res["tracking_uri"] == f"sqlite:///{root}/mlflow.db"  # the project's default store
+    exp = c.get_experiment_by_name("clvr")
+    assert exp.artifact_location == (root / "mlartifacts" / "clvr").as_uri()
+    parent = c.get_run(res["mlflow_run_id"])
+    tags = parent.data.tags
+    assert parent.info.status == "FINISHED" and tags["profile"] == "ci" and tags["git.sha"] == first_commit
+    assert tags["prefect.flow_run_id"] == res["flow_run_id"] and len(tags["prefect.flow_run_id"]) == 36
+    assert tags["dvc.lock_sha256"] == hashlib.sha256((root / "dvc.lock").read_bytes()).hexdigest()
+    assert tags["git.tag"] == res["tag"]
+    assert "evaluate/distill_geneval_overall" in parent.data.metrics
+    runs = nested(c, parent.info.run_id)  # the finished attempt of each stage (pretrain had two)
+    assert set(runs) == set(NAMES)
+    for name, r in runs.items():
+        assert r.info.status == "FINISHED" and r.data.tags["dvc.status"] == "ran", name
+        assert r.data.params["pretrain.steps"] == "12" and r.data.params["profile"] == "ci"
+    pre = runs["pretrain"]
+    assert pre.data.metrics["train_loss"] == pytest.approx(res["stages"][0]["metrics"]["train_loss"])
+    history = c.get_metric_history(pre.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+    ev = runs["evaluate"]
+    assert {"distill_geneval_overall", "pretrain_geneval_counting"} <= set(ev.data.metrics)
+    assert {"plots/geneval.png", "plots/samples.png", "plots/geneval.json"} <= {
+        f.path for f in c.list_artifacts(ev.info.run_id, "plots")}
+
+
+def test_killed_stage_is_retried_and_resumes_with_nothing_lost(run1, mlflow_client):
+    root, _, res = run1
+    out = root / "runs" / "ci" / "pretrain"
+    pre = [r for r in attempts(mlflow_client, res["mlflow_run_id"]) if r.data.tags["stage"] == "pretrain"]
+    assert [(r.data.tags["attempt"], r.info.status) for r in pre] == [("1", "FAILED"), ("2", "FINISHED")]
+    assert "failed" in pre[0].data.tags["error"]
+    log = (out / "stage.log").read_text().split("(attempt 2")[-1]
+    assert "resuming from checkpoints/step-0000" in log
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == list(range(1, 13))  # nothing lost, nothing twice
+    logged = [f.path for r in pre for f in mlflow_client.list_artifacts(r.info.run_id, "checkpoints")]
+    assert sorted(logged) == ["checkpoints/step-000004", "checkpoints/step-000008", "checkpoints/step-000012"]
+
+
+def test_every_checkpoint_is_an_artifact(run1, mlflow_client):
+    root, _, res = run1
+    dist = nested(mlflow_client, res["mlflow_run_id"])["distill"].info.run_id
+    assert {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints")} == {
+        "checkpoints/step-000002", "checkpoints/step-000004"}
+    files = {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints/step-000002")}
+    assert {"checkpoints/step-000002/optimizer.safetensors", "checkpoints/step-000002/model"} <= files
+
+
+def test_eval_suite_is_a_dataset_with_its_dvc_digest(run1, mlflow_client):
+    root, _, res = run1
+    ev = nested(mlflow_client, res["mlflow_run_id"])["evaluate"]
+    (ds,) = ev.inputs.dataset_inputs
+    md5 = next(o["md5"] for o in yaml.safe_load((root / "dvc.lock").read_text())["stages"]["evaluate"]["outs"]
+               if o["path"].endswith("prompts.jsonl"))
+    assert ds.dataset.source_type == "dvc" and json.loads(ds.dataset.source)["md5"] == md5
+    assert ds.dataset.digest == md5[:16] and ds.dataset.name == "prompts"
+
+
+def test_generators_registered_with_champion_alias(run1, mlflow_client):
+    root, _, res = run1
+    c = mlflow_client
+    versions = {v.tags["stage"]: v for v in c.search_model_versions(f"name = '{MODEL}'")}
+    assert set(versions) == {"pretrain", "distill"}
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for stage, v in versions.items():
+        assert v.tags["dvc_md5"] == next(o["md5"] for o in lock[stage]["outs"] if o["path"].endswith("/final"))
+        assert float(v.tags["score"]) == evaluated(res)[f"{stage}_geneval_overall"]
+    champion = c.get_model_version_by_alias(MODEL, "champion")
+    assert champion.version == res["registry"]["champion"]
+    assert float(champion.tags["score"]) == max(float(v.tags["score"]) for v in versions.values())
+
+
+def test_dvc_lock_tag_and_remote(run1):
+    root, first_commit, res = run1
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert list(lock) == NAMES
+    assert lock["distill"]["deps"][0]["path"] == "runs/ci/pretrain/final"
+    assert lock["pretrain"]["params"]["params.yaml"]["pretrain"]["steps"] == 12
+    assert res["tag"].startswith("run/") and res["tag"] in git(root, "tag", "--list", "run/*").split()
+    assert git(root, "rev-parse", f"{res['tag']}^{{commit}}") == res["commit"] != first_commit
+    assert git(root, "show", f"{res['tag']}:dvc.lock") == (root / "dvc.lock").read_text().strip()
+    assert json.loads(git(root, "show", f"{res['tag']}:runs/ci/eval/metrics.json")) == pytest.approx(evaluated(res))
+    remote_files = [p for p in (root / "dvcstore").rglob("*") if p.is_file()]
+    assert len(remote_files) >= 10  # pushed: model files, prompts, samples
+
+
+def test_second_run_skips_up_to_date_stages(run1, mlflow_client):
+    from flows.retrain import retrain
+
+    root, _, res1 = run1
+    res2 = retrain(profile="ci", overrides=LONGER_PRETRAIN, root=str(root))
+    assert [r["status"] for r in res2["stages"]] == ["skipped"] * len(NAMES)
+    assert res2["mlflow_run_id"] != res1["mlflow_run_id"] and res2["tag"] != res1["tag"]
+    assert res2["lock_sha256"] == res1["lock_sha256"] and res2["commit"] == res1["commit"]
+    assert res2["registry"]["champion"] == res1["registry"]["champion"]  # no new version for the same model
+    assert len(mlflow_client.search_model_versions(f"name = '{MODEL}'")) == 2
+    runs = nested(mlflow_client, res2["mlflow_run_id"])
+    assert all(r.data.tags["dvc.status"] == "skipped" for r in runs.values())
+    assert mlflow_client.list_artifacts(runs["pretrain"].info.run_id, "checkpoints") == []
+
+
+def test_cli_run_shows_progress_and_where_to_look(run1):
+    """`clvr pipeline run` (the main job's command) against the harness's Prefect server."""
+    from prefect.settings import PREFECT_API_URL
+
+    root = run1[0]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    args = ["pipeline", "run", "--profile", "ci", "--stage", "pretrain"]
+    args += [a for o in LONGER_PRETRAIN for a in ("--set", o)]
+    p = subprocess.run([sys.executable, "-m", "clvr", *args], cwd=root, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pretrain" in p.stderr and "skipped" in p.stderr  # the rich progress rows
+    last = p.stdout.strip().splitlines()
+    assert json.loads(last[-4])["stages"]["pretrain"]["status"] == "skipped"
+    assert last[-3].startswith("MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db")
+    assert last[-2].startswith("tag:     run/") and "clvr reproduce run/" in last[-2]
+    assert last[-1].startswith("reports: runs/ci/pretrain/metrics.json")
+
+
+def test_reproduce_from_tag_gives_identical_metrics(run1):
+    root, _, res = run1
+    p = clvr(root, "reproduce", res["tag"], "--keep")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads(p.stdout.strip().splitlines()[-2])
+    wt = Path(summary["worktree"])
+    try:
+        assert summary["ok"] and summary["different"] == 0 and summary["compared"] >= 40
+        assert "reproduced:" in p.stdout
+        # Every cached output is bit-identical, except that the killed-and-resumed pretrain's final/ carries
+        # the checkpoint it was loaded from in its config files (`_name_or_path`); its weights are identical.
+        assert set(summary["outs_differ"]) <= {"runs/ci/pretrain/final"}
+        weights = sorted(p.relative_to(root) for p in (root / "runs/ci/pretrain/final").rglob("*.safetensors"))
+        assert weights and all((root / w).read_bytes() == (wt / w).read_bytes() for w in weights)
+    finally:
+        git(root, "worktree", "remove", "--force", str(wt))
+        shutil.rmtree(wt.parent, ignore_errors=True)
+    assert git(root, "worktree", "list").count("\n") == 0
+
+
+def test_bad_input_is_a_clear_error(run1):
+    from flows.reproduce import reproduce
+    from flows.retrain import retrain
+
+    root = run1[0]
+    with pytest.raises(ClvrError, match="unknown profile 'nope'"):
+        retrain(profile="nope", root=str(root))
+    with pytest.raises(ClvrError, match="unknown stage 'sft'"):
+        retrain(profile="ci", root=str(root), stages=["sft"])
+    with pytest.raises(ClvrError, match=r"unknown tag 'run/19990101-deadbeef' \(run tags: run/"):
+        reproduce(root, "run/19990101-deadbeef")
+    for args, needle in ((["pipeline", "run", "--profile", "nope"], "unknown profile 'nope'"),
+                         (["pipeline", "run", "--stage", "sft"], "unknown stage 'sft'")):
+        p = clvr(root, *args)
+        assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
