@@ -23,7 +23,6 @@ A prompt whose class or colour the detector does not know is *unsupported*: repo
 from __future__ import annotations
 
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,6 +30,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from clvr.errors import ClvrError
+from clvr.io import atomic_write_text, save_png
 from clvr.world.vocab import GRID, RELATIONS
 
 POSITION_THRESHOLD = 0.1
@@ -213,22 +213,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(np.asarray(image, np.uint8)).save(tmp)
-    os.replace(tmp, path)
 
 
 def load_image(path: Path) -> np.ndarray:

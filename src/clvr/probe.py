@@ -31,7 +31,8 @@ import numpy as np
 from clvr.config import Config
 from clvr.generator import Generator
 from clvr.loop.run import build_roles, run_loop, run_many
-from clvr.loop.trace import atomic_write_text, save_png
+from clvr.io import atomic_write_text
+from clvr.judge import judge_image, write_geneval_folder
 
 TIERS = tuple(range(1, 11))
 MODES = ("single", "loop")
@@ -102,8 +103,6 @@ def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS) -> list[di
 
 def judge_final(metadata: dict, image: np.ndarray) -> bool:
     """The verdict on a final canvas against the prompt's own metadata (not the parser's reading of it)."""
-    from clvr.judge import judge_image
-
     return bool(judge_image(metadata, image)[0])
 
 
@@ -224,19 +223,11 @@ def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None =
                         "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
                         "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
         log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
-        write_geneval_layout(root / mode, prompts, [r["final"] for r in rows])
+        write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows])
     result["generator"] = getattr(generator, "name", type(generator).__name__)
     result["n_per_tag"] = n
     atomic_write_text(root / "summary.json", json.dumps(result, indent=1))
     return result
-
-
-def write_geneval_layout(root: Path, prompts: list[dict], images: list[np.ndarray]) -> None:
-    for i, (md, img) in enumerate(zip(prompts, images)):
-        d = root / f"{i:05d}"
-        (d / "samples").mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / "metadata.jsonl", json.dumps(md) + "\n")
-        save_png(img, d / "samples" / "0000.png")
 
 
 # ---- efficiency table ----------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ reads it back exactly (images included).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from clvr.errors import ClvrError
+from clvr.io import atomic_write_text, save_png
 
 TRACE_VERSION = 1
 
@@ -103,9 +103,9 @@ class Trace:
         for s, sd in zip(self.steps, d["steps"]):
             for k in ("input", "output"):
                 if sd[k]:
-                    save_png(getattr(s, k), out / sd[k])
+                    save_png(out / sd[k], getattr(s, k))
         if self.final is not None:
-            save_png(self.final, out / "final.png")
+            save_png(out / "final.png", self.final)
         atomic_write_text(out / "trace.json", json.dumps(d, indent=1, default=_jsonable))
         return out / "trace.json"
 
@@ -133,18 +133,6 @@ def _jsonable(o: object):
     if isinstance(o, (np.integer, np.floating, np.bool_)):
         return o.item()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_png(img: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.asarray(img, np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def load_png(path: Path) -> np.ndarray:
