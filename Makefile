@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test clean
+.PHONY: setup run test weights clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,19 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The shipped generator weights (src/clvr/weights/{base,distilled}), from scratch on CPU (~70 min on 2 cores):
+# pretrain (conf/release.yaml), a move-heavy fine-tune of it, 4-NFE distillation of the fine-tuned base; then
+# the two final/ folders are re-saved into the package (model cards are kept). See the model cards.
+FINETUNE := pretrain.init=runs/release/pretrain/final pretrain.out=runs/release/finetune pretrain.steps=1200 \
+	pretrain.lr=0.0003 pretrain.warmup=50 "pretrain.op_probs=[0.25,0.15,0.15,0.45]" pretrain.edit_frac=0.8 \
+	pretrain.eval_every=1200 pretrain.ckpt_every=200 pretrain.seed=1
+weights: setup
+	$(VENV)/bin/clvr world pretrain --profile release
+	$(VENV)/bin/clvr world pretrain --profile release $(FINETUNE)
+	$(VENV)/bin/clvr world distill --profile release
+	$(VENV)/bin/clvr world ship runs/release/finetune/final base
+	$(VENV)/bin/clvr world ship runs/release/distill/final distilled
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -243,6 +243,37 @@ def test_run_many_batches_loops_and_matches_run_loop(roles):
         assert tr.passed and tr.calls == one.calls and np.array_equal(tr.final, one.final)
 
 
+class Batching(Scripted):
+    """Records the size of every batch it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def generate_batch(self, reqs):
+        self.batches.append(len(reqs))
+        return [self.generate(r) for r in reqs]
+
+
+def test_run_many_mixes_modes_and_keeps_batches_full(roles):
+    """Loops and single-step baselines in one run: each trace is what its own mode gives alone, and a batch is
+    short only once fewer loops than `batch_size` are left (continuous batching)."""
+    controller, verifier = roles
+    jobs = [(prompt_with(n, seed=n), 40 + n) for n in (1, 4, 2, 5, 3)]
+    modes = ["loop"] * len(jobs) + ["single"] * len(jobs)
+    gen = Batching()
+    many = run_many(jobs + jobs, controller, gen, verifier, BUDGET, mode=modes, batch_size=4)
+    for (prompt, seed), mode, tr in zip(jobs + jobs, modes, many):
+        one = run_loop(prompt, controller, Scripted(), verifier, BUDGET, seed=seed, mode=mode)
+        assert tr.mode == mode and tr.calls == one.calls and np.array_equal(tr.final, one.final)
+    total = sum(tr.calls for tr in many)
+    assert sum(gen.batches) == total and max(gen.batches) == 4
+    longest = max(tr.calls for tr in many)
+    assert len(gen.batches) <= -(-total // 4) + longest  # full batches but for the longest loop's tail
+    with pytest.raises(ValueError, match="2 modes for 10 jobs"):
+        run_many(jobs + jobs, controller, gen, verifier, BUDGET, mode=["loop", "single"])
+
+
 def test_corrections_order_and_legality():
     target = Scene((Obj("circle", "red", 0, 0), Obj("square", "blue", 1, 1), Obj("triangle", "green", 2, 2)))
     scene = Scene((Obj("circle", "blue", 0, 0), Obj("square", "blue", 3, 3), Obj("triangle", "red", 2, 1)))

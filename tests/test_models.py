@@ -107,6 +107,33 @@ def test_save_load_round_trip_gives_identical_outputs(pipe, saved):
                           WorldGenerator(again, 3, 2.0).generate(t2i).image)
 
 
+def test_saving_a_loaded_checkpoint_writes_the_same_bytes(saved, tmp_path):
+    """No loader state (source path, tokenizer call defaults) leaks into a re-saved model, so a fine-tune's or
+    a resumed run's folder hashes the same wherever its source lay (DVC, MLflow)."""
+    again = tmp_path / "again"
+    load_pipeline(saved).save_pretrained(again)
+    files = sorted(p.relative_to(saved) for p in saved.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for f in files:
+        assert (saved / f).read_bytes() == (again / f).read_bytes(), f
+
+
+def test_ship_installs_a_checkpoint_and_keeps_the_model_card(saved, tmp_path):
+    from clvr.models.backend import ship
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "MODEL_CARD.md").write_text("# card")
+    (tmp_path / "base" / "stale.json").write_text("{}")
+    dest = ship(saved, "base", root=tmp_path)
+    assert (dest / "MODEL_CARD.md").read_text() == "# card" and not (dest / "stale.json").exists()
+    assert (dest / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (saved / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match="not 'champion'"):
+        ship(saved, "champion", root=tmp_path)
+    with pytest.raises(CheckpointError, match="nowhere"):
+        ship(tmp_path / "nowhere", "base", root=tmp_path)
+
+
 def test_registry_loads_a_checkpoint_folder(saved):
     gen = make_generator("world", model=str(saved), steps=4, guidance=1.0)
     res = gen.generate(GenRequest("a photo of a blue square", seed=1))

@@ -231,6 +231,19 @@ def test_real_generator_accepts_only_what_the_judge_passes(tmp_path):
     assert res["metrics"]["accepted"] == sum(t.accepted for t in trajs)
 
 
+def test_base_generator_at_the_configured_sampler(tmp_path):
+    """The data engine's default model is the base; `synthesize.steps` / `guidance` set its sampler."""
+    out = tmp_path / "base"
+    cfg = load_config("ci", [f"synthesize.out={out}", "synthesize.n_per_tier=1", "synthesize.tiers=[1,2]",
+                             "synthesize.steps=3", "synthesize.guidance=2.0", "pretrain.out=" + str(tmp_path / "none")])
+    assert synthesize.resolve_model(cfg) == "base"
+    synthesize.run(cfg, workers=1, log=lambda m: None)
+    trajs = list(load_trajectories(out))
+    assert [t.generator for t in trajs] == ["world-base"] * 2
+    assert {s.nfe for t in trajs for s in t.steps if s.output is not None} == {6}  # 3 steps x (cond + uncond)
+    assert "3 steps, CFG 2.0, 6 NFE per call" in (out / "dataset_card.md").read_text()
+
+
 def test_loader_rejects_another_version_and_torn_or_bad_lines(tmp_path, reference):
     lines = (reference / "trajectories.jsonl").read_text().splitlines(keepends=True)
     d = json.loads(lines[0])

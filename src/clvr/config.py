@@ -47,6 +47,7 @@ class PretrainCfg:
     min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
     weight_decay: float = 0.0
     edit_frac: float = 0.7
+    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])  # edits: add, remove, recolor, move
     grounded_frac: float = 0.8  # edits whose target cells are marked (the loop always marks them)
     text_dropout: float = 0.1  # empty text, for classifier-free guidance
     max_objects: int = 10  # objects on an edit's reference canvas
@@ -154,10 +155,13 @@ class SynthesizeCfg:
 
     out: str = "runs/synthesize"
     generator: str = "world"  # generator registry key (clvr.generator)
-    model: str = ""  # "" = <distill.out>/final if present, else the shipped distilled; base | distilled | folder | oracle | noisy-oracle
+    model: str = ""  # "" = <pretrain.out>/final (the base) if present, else the shipped base; base | distilled | folder | oracle | noisy-oracle
+    steps: int = 0  # sampling steps per generator call (0 = the model's recorded default: base 28, distilled 4)
+    guidance: float = -1.0  # CFG scale (< 0 = the model's recorded default: base 2.0; <= 1 = no CFG)
     n_per_tier: int = 220  # prompts per tier (trajectories attempted)
     tiers: list[int] = field(default_factory=lambda: list(range(1, 11)))
-    shard_size: int = 64  # jobs per shard (also the generator batch)
+    shard_size: int = 220  # jobs per shard: the unit of commit and resume; its loops batch together
+    batch_size: int = 64  # generator requests per batch (continuous batching within a shard)
     workers: int = 2  # processes; the output is identical for any value
     threads: int = 1  # torch threads per worker
     seed: int = 0

@@ -10,7 +10,6 @@ tags, for each evaluated stage), `prompts.jsonl` (the suite: a data set DVC vers
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 
 from clvr.config import Config
 from clvr.errors import ClvrError
+from clvr.io import atomic_write_text, save_figure, save_png
 
 MODEL_STAGES = ("pretrain", "distill")  # config sections whose `<out>/final` is a generator
 
@@ -59,7 +59,7 @@ def run(cfg: Config) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = generators_to_evaluate(cfg)
     prompts = geneval_prompts(cfg)
-    _write(out / "prompts.jsonl", "".join(json.dumps(md) + "\n" for md in prompts))
+    atomic_write_text(out / "prompts.jsonl", "".join(json.dumps(md) + "\n" for md in prompts))
     scores: dict[str, dict[str, float]] = {}
     metrics: dict[str, float] = {}
     finals: dict[str, list] = {}
@@ -71,18 +71,12 @@ def run(cfg: Config) -> dict:
         metrics[f"{stage}_s_per_prompt"] = (time.perf_counter() - t) / len(rows)
         finals[stage] = rows
         print(f"[evaluate] {stage}: GenEval (world, single step) overall {scores[stage]['overall']:.3f}", flush=True)
-    _write(out / "geneval.json", json.dumps([{"group": f"{stage}/{k}", "accuracy": v}
+    atomic_write_text(out / "geneval.json", json.dumps([{"group": f"{stage}/{k}", "accuracy": v}
                                              for stage, sc in scores.items() for k, v in sc.items()], indent=1))
     plot_geneval(scores, out / "geneval.png")
     samples_sheet(finals, out / "samples.png")
-    _write(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"metrics": metrics, "final": None}
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:
@@ -102,10 +96,7 @@ def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:
     ax.set_xlabel("pass rate (single step)")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def samples_sheet(finals: dict[str, list[dict]], path: Path, scale: int = 2) -> None:
@@ -124,6 +115,4 @@ def samples_sheet(finals: dict[str, list[dict]], path: Path, scale: int = 2) -> 
             sheet.paste(Image.fromarray(r["final"]).resize((h, h), Image.NEAREST), (x, y))
             frame = (40, 160, 60) if r["passed"] else (210, 40, 40)
             draw.rectangle([x - 2, y - 2, x + h + 1, y + h + 1], outline=frame, width=2)
-    tmp = path.with_name(path.name + ".tmp.png")
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    save_png(path, np.asarray(sheet))

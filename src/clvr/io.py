@@ -8,17 +8,47 @@ from pathlib import Path
 import numpy as np
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def _tmp(path: Path, suffix: str = "") -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+
+
+def atomic_write_text(path: Path, text: str, durable: bool = False) -> None:
+    """Write `text` to a temporary file and rename it over `path`. `durable`: fsync the file and its folder
+    too, so the write also survives a machine crash (the data engine's commits)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp = _tmp(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    tmp = _tmp(path, ".png")
     Image.fromarray(np.asarray(image, np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+def save_figure(fig, path: Path, **savefig_kw) -> None:
+    """A matplotlib figure saved atomically (format from `path`'s suffix), then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path, path.suffix)
+    fig.savefig(tmp, **savefig_kw)
+    plt.close(fig)
     os.replace(tmp, path)

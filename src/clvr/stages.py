@@ -19,15 +19,16 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import yaml
 
-from clvr.config import Config, to_dict, to_yaml
+from clvr.config import Config, SynthesizeCfg, to_dict, to_yaml
 from clvr.errors import ClvrError
+from clvr.io import atomic_write_text
 
 PARAMS_FILE = "params.yaml"
 DVC_YAML_HEADER = "# Generated from src/clvr/stages.py by `clvr pipeline dvc-yaml`: edit the registry, not this file.\n"
@@ -35,6 +36,11 @@ PARAMS_HEADER = ("# The resolved config of the last `clvr pipeline run` (written
                  "# DVC tracks its keys and every stage reads it; edit conf/ instead.\n")
 
 _TRAIN_CODE = ("src/clvr/stages.py", "src/clvr/train", "src/clvr/models", "src/clvr/world", "src/clvr/weights")
+
+
+def _keys(schema: type, section: str, but: tuple[str, ...]) -> tuple[str, ...]:
+    """A section's params keys less those that cannot change the output (e.g. the process count)."""
+    return tuple(f"{section}.{f.name}" for f in fields(schema) if f.name not in but)
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,8 @@ STAGES: list[Stage] = [
                  ("{eval.out}/geneval.png", {})),
           datasets=("{eval.out}/prompts.jsonl",)),
     Stage(name="synthesize", func="clvr.synthesize:run", section="synthesize",
-          params=("world", "loop", "controller", "synthesize"),
-          deps=("{distill.out}/final", "src/clvr/stages.py", "src/clvr/synthesize.py", "src/clvr/trajectories.py",
+          params=("world", "loop", "controller", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
+          deps=("{pretrain.out}/final", "src/clvr/stages.py", "src/clvr/synthesize.py", "src/clvr/trajectories.py",
                 "src/clvr/judge.py", "src/clvr/generator.py", "src/clvr/vlm.py", "src/clvr/loop", "src/clvr/models",
                 "src/clvr/world", "src/clvr/weights"),
           outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
@@ -150,9 +156,7 @@ def dvc_yaml(stages: list[Stage] | None = None) -> str:
 def write_params(root: Path, cfg: Config) -> Path:
     """Write the resolved config as params.yaml (atomically): what DVC tracks and what every stage reads."""
     path = Path(root) / PARAMS_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(PARAMS_HEADER + to_yaml(cfg))
-    os.replace(tmp, path)
+    atomic_write_text(path, PARAMS_HEADER + to_yaml(cfg))
     return path
 
 
@@ -174,6 +178,13 @@ def latest_checkpoint(out: Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _param(cfg: dict, key: str):
+    """A params key ("section" or "section.key") of a config dict; None when absent."""
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
 def prepare_resume(stage: Stage, cfg: Config, log: Callable[[str], None] = print) -> int:
     """Keep the newest checkpoint only when it belongs to an unfinished run of this same config; then the
     stage resumes from it. A finished run or another config means DVC asked for a fresh run, so the old
@@ -188,7 +199,7 @@ def prepare_resume(stage: Stage, cfg: Config, log: Callable[[str], None] = print
     except (OSError, ValueError, KeyError):
         state, step = {}, -1
     now, then = to_dict(cfg), state.get("config")
-    same = then is None or all(_without_out(then.get(k)) == _without_out(now.get(k)) for k in stage.params)
+    same = then is None or all(_without_out(_param(then, k)) == _without_out(_param(now, k)) for k in stage.params)
     steps = getattr(getattr(cfg, stage.section), "steps", None)
     if step >= 0 and same and (steps is None or step < steps):
         log(f"[{stage.name}] resuming from {ck.relative_to(out)} (step {step})")
@@ -219,9 +230,7 @@ def write_curve(out: Path) -> Path | None:
         if row.get("split") == "train":
             rows.append({k: v for k, v in row.items() if k != "split"})
     path = out / "curve.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(rows))
     return path
 
 

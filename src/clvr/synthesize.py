@@ -45,6 +45,7 @@ from PIL import Image
 
 from clvr.config import Config, SynthesizeCfg, to_dict
 from clvr.errors import CheckpointError, ClvrError, ConfigError
+from clvr.io import atomic_write_text
 from clvr.trajectories import FILE, SCHEMA, SCHEMA_VERSION, Trajectory, TrajectoryStep
 
 WORK = "shards"
@@ -97,7 +98,9 @@ def shard_file(out: Path, shard: int) -> Path:
 
 def check_cfg(cfg: Config) -> None:
     s = cfg.synthesize
-    for key in ("n_per_tier", "shard_size", "workers", "threads"):
+    if s.steps < 0:
+        raise ConfigError(f"synthesize.steps must be >= 0 (0 = the model's default), got {s.steps}")
+    for key in ("n_per_tier", "shard_size", "batch_size", "workers", "threads"):
         if getattr(s, key) < 1:
             raise ConfigError(f"synthesize.{key} must be >= 1, got {getattr(s, key)}")
     if not s.tiers or len(set(s.tiers)) != len(s.tiers) or not all(1 <= t <= 10 for t in s.tiers):
@@ -107,16 +110,17 @@ def check_cfg(cfg: Config) -> None:
 
 
 def resolve_model(cfg: Config) -> str:
-    """The generator model: `synthesize.model`, or "" = the pipeline's `<distill.out>/final` if it exists, else the
-    shipped distilled weights. An oracle generator key needs no model."""
+    """The generator model: `synthesize.model`, or "" = the pipeline's base `<pretrain.out>/final` if it exists,
+    else the shipped base weights (the data engine acts with the base generator). An oracle generator key needs
+    no model."""
     s = cfg.synthesize
     if s.generator in ORACLES:
         return s.generator
     if s.model:
         model = s.model
     else:
-        trained = Path(cfg.distill.out) / "final"
-        model = str(trained) if (trained / "model_index.json").is_file() else "distilled"
+        trained = Path(cfg.pretrain.out) / "final"
+        model = str(trained) if (trained / "model_index.json").is_file() else "base"
     if model not in (*SHIPPED, *ORACLES) and not (Path(model) / "model_index.json").is_file():
         raise CheckpointError(f"synthesize.model: no generator checkpoint at '{model}' (missing model_index.json)")
     return model
@@ -147,32 +151,20 @@ def fingerprint(cfg: Config, model: str) -> str:
 
 # ---- the per-process engine --------------------------------------------------------------------------------------
 
-def build_controller(cfg: Config):
-    """The controller `loop.controller` names (the "openai" one gets the config's endpoint settings)."""
-    import clvr.loop  # noqa: F401  (registers the world roles)
-    import clvr.loop.vlm_controller  # noqa: F401  (registers "openai")
-    from clvr.loop.roles import make_controller
-
-    kw = dict(grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
-              max_prompt_chars=cfg.loop.max_prompt_chars)
-    if cfg.loop.controller == "openai":
-        kw["controller_cfg"] = cfg.controller
-    return make_controller(cfg.loop.controller, **kw)
-
-
 class Engine:
     """One process's generator, controller and verifier; runs whole shards."""
 
     def __init__(self, cfg: Config, model: str):
         from clvr.generator import make_generator
         from clvr.loop.roles import make_verifier
-        from clvr.loop.run import load_generator
+        from clvr.loop.run import build_controller, load_generator
 
         self.cfg, self.s, self.out = cfg, cfg.synthesize, Path(cfg.synthesize.out)
         if model in ORACLES:  # no network: skip importing the model stack (seconds)
             self.generator = make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell)
         else:
-            self.generator = load_generator(replace(cfg, loop=replace(cfg.loop, generator=self.s.generator)), model)
+            self.generator = load_generator(replace(cfg, loop=replace(cfg.loop, generator=self.s.generator)), model,
+                                            self.s.steps or None, None if self.s.guidance < 0 else self.s.guidance)
         self.controller = build_controller(cfg)
         self.verifier = make_verifier(cfg.loop.verifier, grid=cfg.world.grid)
 
@@ -185,8 +177,9 @@ class Engine:
         mds = [job_prompt(s, cfg.world.grid, j) for j in jobs]
         work = [(md["prompt"], job_seed(s, j)) for md, j in zip(mds, jobs)]
         args = (self.controller, self.generator, self.verifier, cfg.loop)
-        loops = run_many(work, *args, "loop", cfg.world.grid, cfg.world.cell, len(work))
-        singles = run_many(work, *args, "single", cfg.world.grid, cfg.world.cell, len(work))
+        modes = ["loop"] * len(work) + ["single"] * len(work)  # the baselines fill the loops' batches
+        traces = run_many(work + work, *args, modes, cfg.world.grid, cfg.world.cell, s.batch_size)
+        loops, singles = traces[: len(work)], traces[len(work):]
         trajs = [self.record(shard, j, md, tr, base) for j, md, tr, base in zip(jobs, mds, loops, singles)]
         commit_shard(shard_file(self.out, shard), trajs)
         return shard, len(trajs), sum(t.accepted for t in trajs)
@@ -344,25 +337,6 @@ def read_png(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """tmp file, fsync, rename, fsync the folder: after a kill (or a crash) the file is whole or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def commit_shard(path: Path, trajs: list[Trajectory]) -> None:
     """Commit a shard: its lines are checked against the schema, then written atomically and fsynced. Its
     images are already on disk (not fsynced one by one, which costs more than the generator on some disks: a
@@ -370,7 +344,7 @@ def commit_shard(path: Path, trajs: list[Trajectory]) -> None:
     text = "".join(t.to_line() for t in trajs)
     for line in text.splitlines():
         Trajectory.from_dict(json.loads(line), f"{path.name} (before commit)")
-    atomic_write(path, text)
+    atomic_write_text(path, text, durable=True)
 
 
 def _image_paths(t: Trajectory) -> list[str]:
@@ -426,12 +400,12 @@ def prepare(out: Path, cfg: Config, fp: str, log: Log) -> list[int]:
         for name in (FILE, "metrics.json", "dataset_card.md"):
             (out / name).unlink(missing_ok=True)
         work.mkdir(parents=True)
-        atomic_write(manifest, json.dumps({"fingerprint": fp, "n_shards": n_shards(cfg.synthesize)}))
+        atomic_write_text(manifest, json.dumps({"fingerprint": fp, "n_shards": n_shards(cfg.synthesize)}), durable=True)
     (out / "images").mkdir(exist_ok=True)
     from clvr.world.render import blank
 
     write_png(out / BLANK, blank(cfg.world.grid, cfg.world.cell))
-    for tmp in work.glob("*.tmp"):
+    for tmp in work.glob("*.tmp*"):  # torn temporary files of a killed commit
         tmp.unlink()
     return [sh for sh in range(n_shards(cfg.synthesize)) if not shard_file(out, sh).is_file()]
 
@@ -444,7 +418,7 @@ def merge(out: Path, s: SynthesizeCfg) -> list[Trajectory]:
     ids = [t.id for t in trajs]
     if ids != [traj_id(j) for j in range(n_jobs(s))]:
         raise ClvrError(f"{out}: merged shards do not hold every job exactly once")
-    atomic_write(out / FILE, "".join(t.to_line() for t in trajs))
+    atomic_write_text(out / FILE, "".join(t.to_line() for t in trajs), durable=True)
     return trajs
 
 
@@ -483,6 +457,14 @@ def _mean(xs: list) -> float:
     return float(np.mean(xs)) if len(xs) else 0.0
 
 
+def _sampler(cfg: Config, trajs: list[Trajectory]) -> str:
+    s = cfg.synthesize
+    steps = f"{s.steps} steps" if s.steps else "its default steps"
+    cfg_scale = "its default CFG" if s.guidance < 0 else f"CFG {s.guidance}" if s.guidance > 1 else "no CFG"
+    nfe = [st.nfe for t in trajs for st in t.steps if st.nfe]
+    return f"{steps}, {cfg_scale}, {max(nfe) if nfe else 0} NFE per call"
+
+
 def dataset_card(trajs: list[Trajectory], m: dict, cfg: Config, model: str) -> str:
     s = cfg.synthesize
     rows = []
@@ -504,7 +486,7 @@ only if its final canvas, read back from the written PNG, passes the GenEval-for
 metadata. Accepted trajectories are A/B-judged against the single-step baseline for the same prompt and seed.
 
 - schema: `{SCHEMA}` version {SCHEMA_VERSION} (documented and loaded by `clvr.trajectories.load_trajectories`)
-- generator: `{generator}` (model `{model}`); controller: `{controller}`; verifier: `{cfg.loop.verifier}`
+- generator: `{generator}` (model `{model}`, {_sampler(cfg, trajs)}); controller: `{controller}`; verifier: `{cfg.loop.verifier}`
 - prompts: {s.n_per_tier} per tier, tiers {list(s.tiers)}, seed {s.seed}; loop budget max_iters
   {cfg.loop.max_iters}, max_nfe {cfg.loop.max_nfe}, retries_per_step {cfg.loop.retries_per_step}
 - files: `{FILE}` (one line per trajectory, job order), `images/` (PNG; paths in the lines are relative
@@ -568,6 +550,8 @@ def run(cfg: Config, workers: int | None = None, log: Log = _stderr) -> dict:
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     model = resolve_model(cfg)
+    from clvr.loop.run import build_controller
+
     probe = build_controller(cfg)  # an unknown key or a bad endpoint config fails here, before any worker starts
     getattr(probe, "close", lambda: None)()
     out = Path(s.out)
@@ -580,8 +564,8 @@ def run(cfg: Config, workers: int | None = None, log: Log = _stderr) -> dict:
     trajs = merge(out, s)
     metrics = dataset_metrics(trajs, list(s.tiers))
     metrics["wall_s"] = round(time.perf_counter() - t0, 3)
-    atomic_write(out / "dataset_card.md", dataset_card(trajs, metrics, cfg, model))
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1))
+    atomic_write_text(out / "dataset_card.md", dataset_card(trajs, metrics, cfg, model))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     shutil.rmtree(out / WORK, ignore_errors=True)
     made = sum(len(shard_jobs(s, sh)) for sh in todo)
     log(f"[synthesize] {int(metrics['accepted'])}/{len(trajs)} accepted ({metrics['acceptance_rate']:.3f}), "

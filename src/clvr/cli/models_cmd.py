@@ -1,4 +1,4 @@
-"""`clvr world pretrain`, `clvr world distill`, `clvr world bench-generator`."""
+"""`clvr world pretrain`, `clvr world distill`, `clvr world ship`, `clvr world bench-generator`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def distill(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOp
 
     res = run(load_config(profile, overrides))
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
+@world_app.command("ship")
+def ship(src: str = typer.Argument(..., help="a trained checkpoint folder, e.g. runs/release/distill/final"),
+         name: str = typer.Argument(..., help="base | distilled")) -> None:
+    """Install a checkpoint as the packaged base or distilled weights (its model card is kept; update it)."""
+    from clvr.models.backend import ship as ship_weights
+
+    typer.echo(f"shipped {src} as {ship_weights(src, name)}")
 
 
 @world_app.command("bench-generator")

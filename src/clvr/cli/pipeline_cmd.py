@@ -16,6 +16,7 @@ import typer
 
 from clvr.cli import ProfileOpt, app
 from clvr.errors import ClvrError
+from clvr.io import atomic_write_text
 
 pipeline_app = typer.Typer(help="The training pipeline: DVC stages run by a Prefect flow, tracked in MLflow.",
                            no_args_is_help=True)
@@ -107,9 +108,7 @@ def dvc_yaml_cmd(check: bool = typer.Option(False, "--check", help="only check t
             raise ClvrError("dvc.yaml is out of date with the stage registry: run `clvr pipeline dvc-yaml`")
         typer.echo("dvc.yaml is up to date")
         return
-    tmp = path.with_name("dvc.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     typer.echo(f"wrote {path.resolve()}")
 
 

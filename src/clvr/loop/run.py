@@ -153,16 +153,21 @@ def run_loop(prompt: str, controller: Controller, generator: Generator, verifier
 
 
 def run_many(jobs: Iterable[tuple[str, int]], controller: Controller, generator: Generator, verifier: Verifier,
-             budget: LoopCfg, mode: str = "loop", grid: int = 4, cell: int = 16,
+             budget: LoopCfg, mode: str | list[str] = "loop", grid: int = 4, cell: int = 16,
              batch_size: int = 64) -> list[Trace]:
-    """Run the loop for many (prompt, seed) jobs in lockstep: each round, every unfinished loop's pending
-    request goes to the generator in one batch (`generate_batch` when the backend has it). Each trace's
-    generator seconds are its share of the batch time, so seconds per prompt stay comparable."""
+    """Run the loop for many (prompt, seed) jobs in lockstep, their generator calls batched (`generate_batch`
+    when the backend has it). `mode` is one for all jobs or one per job (loops and single-step baselines can
+    share batches). Continuous batching: every job starts at once and each round takes the next `batch_size`
+    pending requests round-robin, so batches stay full until fewer than `batch_size` loops are left. Each
+    trace's generator seconds are its share of the batch time, so seconds per prompt stay comparable."""
     jobs = list(jobs)
+    modes = [mode] * len(jobs) if isinstance(mode, str) else list(mode)
+    if len(modes) != len(jobs):
+        raise ValueError(f"run_many: {len(modes)} modes for {len(jobs)} jobs")
     traces: list[Trace | None] = [None] * len(jobs)
     pending: dict[int, tuple[Coroutine, GenRequest]] = {}
-    for i, (prompt, seed) in enumerate(jobs):
-        co = loop(prompt, controller, verifier, budget, seed, mode, grid, cell)
+    for i, ((prompt, seed), m) in enumerate(zip(jobs, modes)):
+        co = loop(prompt, controller, verifier, budget, seed, m, grid, cell)
         _advance(i, co, None, pending, traces)
     batched = getattr(generator, "generate_batch", None)
     while pending:
@@ -188,18 +193,28 @@ def _advance(i: int, co: Coroutine, res: GenResult | None, pending: dict, traces
         traces[i] = done.value
 
 
-def load_generator(cfg: Config, model: str) -> Generator:
-    """`model`: base | distilled | a checkpoint folder (the `loop.generator` backend), or oracle | noisy-oracle."""
+def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: float | None = None) -> Generator:
+    """`model`: base | distilled | a checkpoint folder (the `loop.generator` backend, sampling at `steps` and
+    `guidance`, None = the checkpoint's recorded default), or oracle | noisy-oracle."""
     import clvr.models  # noqa: F401  (registers the world backend)
     from clvr.generator import make_generator
 
     if model in ("oracle", "noisy-oracle"):
         return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell)
-    return make_generator(cfg.loop.generator, model=model)
+    return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance)
+
+
+def build_controller(cfg: Config) -> Controller:
+    """The controller `loop.controller` names; the "openai" one gets the config's endpoint settings."""
+    import clvr.loop.vlm_controller  # noqa: F401  (registers "openai")
+
+    kw = dict(grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
+              max_prompt_chars=cfg.loop.max_prompt_chars)
+    if cfg.loop.controller == "openai":
+        kw["controller_cfg"] = cfg.controller
+    return make_controller(cfg.loop.controller, **kw)
 
 
 def build_roles(cfg: Config) -> tuple[Controller, Verifier]:
     """The controller and verifier the config names (`loop.controller`, `loop.verifier`)."""
-    controller = make_controller(cfg.loop.controller, grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
-                                 max_prompt_chars=cfg.loop.max_prompt_chars)
-    return controller, make_verifier(cfg.loop.verifier, grid=cfg.world.grid)
+    return build_controller(cfg), make_verifier(cfg.loop.verifier, grid=cfg.world.grid)

@@ -45,9 +45,50 @@ def load_pipeline(model: str | Path) -> WorldPipeline:
     except Exception as e:  # corrupt / truncated / mismatched files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load generator checkpoint '{path}': {msg}") from None
+    _forget_source(pipe)
     pipe.transformer.eval()
     pipe.text_encoder.eval()
     return pipe
+
+
+def _forget_source(pipe: WorldPipeline) -> None:
+    """Drop what loading adds to the configs (diffusers' `_name_or_path`, the tokenizer loader's own keys), so a
+    model saved after loading (a fine-tune, a resumed run) writes the same config files as a fresh one."""
+    from diffusers.configuration_utils import FrozenDict
+
+    for part in (pipe, pipe.transformer, pipe.scheduler):
+        cfg = part._internal_dict
+        if "_name_or_path" in cfg:
+            part._internal_dict = FrozenDict({k: v for k, v in cfg.items() if k != "_name_or_path"})
+    for key in _LOADER_TOKENIZER_KEYS:
+        pipe.tokenizer.init_kwargs.pop(key, None)
+
+
+_LOADER_TOKENIZER_KEYS = ("is_local", "local_files_only", "max_length", "stride", "truncation_strategy",
+                          "pad_token_type_id", "pad_to_multiple_of")
+
+
+def ship(src: str | Path, name: str, root: Path = WEIGHTS_DIR) -> Path:
+    """Install a trained checkpoint as the packaged `name` ("base" | "distilled") weights: loaded (so a bad folder
+    fails here, naming it), re-saved clean into a fresh folder, swapped in; the model card beside them is kept."""
+    import shutil
+
+    if name not in SHIPPED:
+        raise CheckpointError(f"can only ship as {' or '.join(SHIPPED)}, not '{name}'")
+    pipe, dest = load_pipeline(src), root / name
+    tmp = dest.with_name(f".{name}.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    card = dest / "MODEL_CARD.md"
+    if card.is_file():
+        shutil.copy2(card, tmp / card.name)
+    old = dest.with_name(f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    return dest
 
 
 @contextmanager

@@ -143,6 +143,7 @@ class WorldPipeline(DiffusionPipeline):
         cond = Cond(ref, region, self.encode_text(texts), self.encode_text([""] * len(texts)) if cfg else None)
         noise = torch.stack([torch.randn(ref.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
+        pair = Cond(ref.repeat(2, 1, 1), region.repeat(2, 1), torch.cat([cond.text, cond.text_uncond])) if cfg else None
         grounded = torch.from_numpy(edit & (regions.sum(1) > 0))[:, None]
         edit_t = torch.from_numpy(edit)[:, None]
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
@@ -150,10 +151,12 @@ class WorldPipeline(DiffusionPipeline):
         x, hard, x0 = noise, None, ref
         for i, t in enumerate(sched.timesteps):
             sigma = (t / 1000).expand(len(texts))
-            new, gate = self.predict(x, sigma, cond)
-            if cfg:
-                new_u, _ = self.predict(x, sigma, cond, cond.text_uncond)
+            if cfg:  # cond and uncond in one forward (2B): one pass through the layers instead of two
+                both, gates = self.predict(x.repeat(2, 1, 1), sigma.repeat(2), pair)
+                (new, new_u), gate = both.chunk(2), gates[: len(texts)]
                 new = new_u + guidance * (new - new_u)
+            else:
+                new, gate = self.predict(x, sigma, cond)
             p = torch.sigmoid(gate)
             if hard is None:  # first step: the edit's mask, held for the rest of sampling
                 hard = torch.where(grounded, region, (p > 0.5).float())

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clvr.errors import CheckpointError
+from clvr.io import atomic_write_text
 
 KEEP = 2  # newest checkpoints kept
 
@@ -104,9 +105,7 @@ class MetricsLog:
                         keep.append(line)
                 except (ValueError, KeyError):
                     continue
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(k + "\n" for k in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
 
     def log(self, step: int, split: str, **metrics: float) -> None:
         with self.path.open("a") as f:
@@ -114,6 +113,4 @@ class MetricsLog:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))

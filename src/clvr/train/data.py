@@ -76,10 +76,11 @@ def random_scene(rng: np.random.Generator, grid: int, n: int) -> tuple[Scene, li
     return Scene(tuple(sorted(objs)), grid), adds
 
 
-def random_edit(rng: np.random.Generator, grid: int, max_objects: int, op: str | None = None
-                ) -> tuple[Scene, Step, list[Step]]:
-    """(reference scene, one valid edit step of it, the trace of adds) for a random op (add-heavy)."""
-    op = op or EDIT_OPS[rng.choice(len(EDIT_OPS), p=OP_PROBS)]
+def random_edit(rng: np.random.Generator, grid: int, max_objects: int, op: str | None = None,
+                op_probs: tuple[float, ...] = OP_PROBS) -> tuple[Scene, Step, list[Step]]:
+    """(reference scene, one valid edit step of it, the trace of adds) for `op`, else an op drawn from
+    `op_probs` (over EDIT_OPS; add-heavy by default)."""
+    op = op or EDIT_OPS[rng.choice(len(EDIT_OPS), p=op_probs)]
     lo = 0 if op == "add" else 1
     hi = min(max_objects, grid * grid - (0 if op in ("remove", "recolor") else 1))
     scene, adds = random_scene(rng, grid, int(rng.integers(lo, hi + 1)))
@@ -149,14 +150,15 @@ class PromptSource:
 
 
 def sample_batch(rng: np.random.Generator, size: int, grid: int, edit_frac: float, grounded_frac: float,
-                 text_dropout: float, max_objects: int, prompts: PromptSource, max_trace: int = 8) -> Batch:
+                 text_dropout: float, max_objects: int, prompts: PromptSource, max_trace: int = 8,
+                 op_probs: tuple[float, ...] = OP_PROBS) -> Batch:
     n = grid * grid
     x0, ref, region = np.zeros((size, n), np.int64), np.zeros((size, n), np.int64), np.zeros((size, n), np.float32)
     edit = rng.random(size) < edit_frac
     texts = []
     for i in range(size):
         if edit[i]:
-            scene, step, adds = random_edit(rng, grid, max_objects)
+            scene, step, adds = random_edit(rng, grid, max_objects, op_probs=op_probs)
             ref[i], x0[i] = contents_of(scene), contents_of(step.apply(scene))
             if rng.random() < grounded_frac:
                 for r, c in step.regions():

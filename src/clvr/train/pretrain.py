@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clvr.config import Config, to_dict
+from clvr.errors import ConfigError
 from clvr.models.pipeline import Cond, WorldPipeline
 from clvr.train import ckpt
 from clvr.train.data import PromptSource, sample_batch, tokens
@@ -73,7 +74,8 @@ class Trainer:
     def batch(self, text_dropout: float | None = None):
         p = self.cfg.pretrain
         return sample_batch(self.rng, self.scfg.batch_size, self.cfg.world.grid, p.edit_frac, p.grounded_frac,
-                            p.text_dropout if text_dropout is None else text_dropout, p.max_objects, self.prompts)
+                            p.text_dropout if text_dropout is None else text_dropout, p.max_objects, self.prompts,
+                            op_probs=tuple(p.op_probs))
 
     def sample_t(self, n: int) -> torch.Tensor:
         t = torch.sigmoid(torch.randn(n, generator=self.gen))
@@ -142,7 +144,15 @@ class Trainer:
         return {"metrics": metrics, "final": str(final)}
 
 
+def check_cfg(cfg: Config) -> None:
+    probs = cfg.pretrain.op_probs
+    if len(probs) != 4 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
+        raise ConfigError(f"pretrain.op_probs must be 4 probabilities (add, remove, recolor, move) summing to 1, "
+                          f"got {list(probs)}")
+
+
 def run(cfg: Config) -> dict:
+    check_cfg(cfg)
     torch.set_num_threads(cfg.pretrain.threads)
     out = Path(cfg.pretrain.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -157,13 +157,13 @@ def run_bench(n: int = 1000, seed: int = 0, grid: int = GRID, cell: int = CELL) 
 def tier_figure(path, seed: int = 0, grid: int = GRID, cell: int = CELL) -> None:
     """A PNG of one seeded grammar prompt per tier, rendered from the solver's layout, with its prompt."""
     import textwrap
-    from pathlib import Path
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from clvr.io import save_figure
     from clvr.world.grammar import TIERS, sample_prompt
     from clvr.world.render import render
     from clvr.world.solver import solve
@@ -177,9 +177,4 @@ def tier_figure(path, seed: int = 0, grid: int = GRID, cell: int = CELL) -> None
         ax.set_title(f"tier {tier} (C_task {md['c_task']:g})", fontsize=11)
         ax.set_xlabel("\n".join(textwrap.wrap(md["prompt"], 38)), fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=80)
