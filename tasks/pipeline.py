@@ -92,6 +92,9 @@ def _log_outputs(client, run_id: str, root: Path, stage, cfg) -> dict:
     for p in [resolve(p, cfg) for p, _ in stage.plots] + [resolve(o, cfg) for o in stage.outs if o.endswith(".png")]:
         if (root / p).is_file():
             client.log_artifact(run_id, str(root / p), "plots")
+    for p in [resolve(o, cfg) for o in stage.outs if o.endswith(".md")]:  # e.g. the data set card
+        if (root / p).is_file():
+            client.log_artifact(run_id, str(root / p), "reports")
     client.log_artifact(run_id, str(root / PARAMS_FILE), "config")
     rev = dvc.head(root)
     for d in stage.datasets:

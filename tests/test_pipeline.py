@@ -143,8 +143,14 @@ def test_run_records_parent_and_stage_runs(run1, mlflow_client):
     assert sorted(m.step for m in history) == list(range(1, 13))
     ev = runs["evaluate"]
     assert {"distill_geneval_overall", "pretrain_geneval_counting"} <= set(ev.data.metrics)
-    assert {"plots/geneval.png", "plots/samples.png", "plots/geneval.json"} <= {
+    assert {"probe_loop_auc", "probe_single_auc", "probe_i_eff"} <= set(ev.data.metrics)
+    assert {"plots/geneval.png", "plots/samples.png", "plots/geneval.json", "plots/probe.png", "plots/filmstrip.png"} <= {
         f.path for f in c.list_artifacts(ev.info.run_id, "plots")}
+    syn = runs["synthesize"]  # the data engine: its card as a report, its data set as an input with its DVC md5
+    assert syn.data.metrics["accepted"] >= 1 and "ab_win_or_tie" in syn.data.metrics
+    assert "reports/dataset_card.md" in {f.path for f in c.list_artifacts(syn.info.run_id, "reports")}
+    (data,) = syn.inputs.dataset_inputs
+    assert data.dataset.name == "trajectories" and "md5" in data.dataset.source
 
 
 def test_killed_stage_is_retried_and_resumes_with_nothing_lost(run1, mlflow_client):

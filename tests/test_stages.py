@@ -168,8 +168,12 @@ def test_evaluate_stage(trained):
     assert len(prompts) == 6 * cfg.eval.geneval_n and "include" in json.loads(prompts[0])
     rows = json.loads((tmp / "eval" / "geneval.json").read_text())
     assert {r["group"] for r in rows} >= {"distill/overall", "pretrain/counting"}
-    for png in ("geneval.png", "samples.png"):
+    for png in ("geneval.png", "samples.png", "probe.png", "filmstrip.png"):
         assert (tmp / "eval" / png).read_bytes()[:4] == b"\x89PNG"
+    probe = json.loads((tmp / "eval" / "probe.json").read_text())  # the probe ran on the last generator
+    assert probe["n_per_tier"] == cfg.eval.probe_n_per_tier and probe["generator"].endswith("distill/final")
+    assert m["probe_loop_auc"] == probe["loop"]["auc"] and m["probe_single_tier10"] == probe["single"]["per_tier"]["10"]
+    assert m["probe_i_eff"] == probe["loop"]["i_eff"] == probe["single"]["i_eff"] > 0
     assert json.loads((tmp / "eval" / "metrics.json").read_text()) == pytest.approx(m)
 
 

@@ -132,6 +132,7 @@ class EvalCfg:
     batch_size: int = 64  # probe / geneval-world: loops run in lockstep, generator calls batched
     geneval_n: int = 50  # prompts per GenEval tag in `clvr eval geneval-world`
     speed_n: int = 10  # prompts per row in `clvr eval speed`
+    probe_n_per_tier: int = 20  # the `evaluate` stage's probe (single step vs loop) on the last generator
 
 
 @dataclass

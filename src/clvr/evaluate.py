@@ -1,10 +1,14 @@
 """The `evaluate` pipeline stage: every generator the earlier stages trained (their `final/` folders), on the six
 GenEval suites in world vocabulary, single step (one text-to-image call per prompt), judged by the
-GenEval-format judge against each prompt's own metadata.
+GenEval-format judge against each prompt's own metadata; then the semantic-complexity probe (single step vs
+the closed loop over the 10 tiers: pass rate per tier, AUC, I_eff) on the last generator, the one the loop
+runs (the 4-NFE distilled model when the distill stage ran).
 
 Writes to `cfg.eval.out`: `metrics.json` (`<stage>_geneval_<tag>` and `<stage>_geneval_overall`, the mean over
-tags, for each evaluated stage), `prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` +
-`geneval.png` (DVC plots) and `samples.png` (the first prompt of each tag per model; green frame = passed).
+tags, for each evaluated stage; `probe_<mode>_auc`, `probe_<mode>_tier<k>`, `probe_auc_ratio`, `probe_i_eff`),
+`prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` + `geneval.png` (DVC plots), `samples.png`
+(the first prompt of each tag per model; green frame = passed), `probe.json` + `probe.png` and
+`filmstrip.png` (one tier-10 prompt through the loop).
 """
 
 from __future__ import annotations
@@ -75,8 +79,29 @@ def run(cfg: Config) -> dict:
                                              for stage, sc in scores.items() for k, v in sc.items()], indent=1))
     plot_geneval(scores, out / "geneval.png")
     samples_sheet(finals, out / "samples.png")
+    last = list(models)[-1]
+    metrics.update(probe_metrics(cfg, load_generator(cfg, str(models[last])), out))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"metrics": metrics, "final": None}
+
+
+def probe_metrics(cfg: Config, generator, out: Path) -> dict[str, float]:
+    """The probe (probe.json, probe.png) and a tier-10 filmstrip of the loop; flat metrics for MLflow/DVC."""
+    from clvr.loop.run import build_roles, run_loop
+    from clvr.loop.trace import filmstrip
+    from clvr.probe import probe_prompts, run_probe
+
+    res = run_probe(cfg, generator, cfg.eval.probe_n_per_tier, out=out, log=lambda m: print(f"[evaluate] probe {m}"))
+    metrics = {"probe_auc_ratio": res["auc_ratio"] or 0.0, "probe_i_eff": res["loop"]["i_eff"] or 0.0}
+    for mode in ("single", "loop"):
+        metrics[f"probe_{mode}_auc"] = res[mode]["auc"]
+        metrics.update({f"probe_{mode}_tier{t}": v for t, v in res[mode]["per_tier"].items()})
+    md = probe_prompts(1, cfg.eval.seed + 1, cfg.world.grid, tiers=[10])[0]
+    controller, verifier = build_roles(cfg)
+    trace = run_loop(md["prompt"], controller, generator, verifier, cfg.loop, seed=cfg.eval.seed,
+                     grid=cfg.world.grid, cell=cfg.world.cell)
+    save_png(out / "filmstrip.png", np.asarray(filmstrip(trace)))
+    return metrics
 
 
 def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:

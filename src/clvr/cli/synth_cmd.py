@@ -84,6 +84,8 @@ def bench_synthesize(overrides: Optional[List[str]] = OverridesArg, profile: str
         "threads_per_worker": cfg.synthesize.threads,
         "generator": cfg.synthesize.generator,
         "model": model,
+        "steps": cfg.synthesize.steps,  # 0 = the model's recorded default (base: 28 + CFG)
+        "guidance": cfg.synthesize.guidance,  # < 0 = the model's recorded default
         "target_met": bool(m["accepted"] >= 2000 and m["wall_s"] <= 600),
     }
     typer.echo(f"{result['accepted']}/{result['trajectories']} accepted in {m['wall_s']:.1f} s "
