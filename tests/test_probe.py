@@ -82,6 +82,8 @@ def test_speed_table_counts_iterations():
     assert [r["slow_nfe"] for r in res["rows"]] == [56, 112, 168]
     assert [r["fast_nfe"] for r in res["rows"]] == [4, 8, 12]
     assert all(r["speedup"] > 0 for r in res["rows"])
+    assert all(r["speedup_batched"] > 0 and r["slow_s_batched"] > 0 for r in res["rows"])
+    assert res["batch"] == cfg.eval.speed_batch and res["speedup_batched_mean"] > 0
 
 
 def test_geneval_world_folders_score_the_same_with_the_judge(tmp_path):

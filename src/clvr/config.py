@@ -131,7 +131,8 @@ class EvalCfg:
     seed: int = 1000
     batch_size: int = 64  # probe / geneval-world: loops run in lockstep, generator calls batched
     geneval_n: int = 50  # prompts per GenEval tag in `clvr eval geneval-world`
-    speed_n: int = 10  # prompts per row in `clvr eval speed`
+    speed_n: int = 10  # prompts per row in `clvr eval speed` (one at a time: latency)
+    speed_batch: int = 64  # prompts per row run together in `clvr eval speed` (throughput); 0 = skip
     probe_n_per_tier: int = 20  # the `evaluate` stage's probe (single step vs loop) on the last generator
 
 

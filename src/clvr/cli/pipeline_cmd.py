@@ -77,6 +77,9 @@ def run(profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
     _print_where_to_look(res, root)
 
 
+REPORTS = ("metrics.json", "geneval.png", "samples.png", "probe.png", "filmstrip.png", "dataset_card.md")
+
+
 def _print_where_to_look(res: dict, root: Path) -> None:
     summary = {k: res[k] for k in ("profile", "mlflow_run_id", "tag", "commit", "lock_sha256")}
     summary["stages"] = {r["stage"]: {"status": r["status"], "seconds": r["seconds"]} for r in res["stages"]}
@@ -85,8 +88,7 @@ def _print_where_to_look(res: dict, root: Path) -> None:
     uri = res["tracking_uri"]
     ui = ("mlflow ui --backend-store-uri sqlite:///mlflow.db" if uri == f"sqlite:///{root / 'mlflow.db'}"
           else f"mlflow ui --backend-store-uri {uri}")
-    reports = [str(Path(r["out"]) / f) for r in res["stages"] for f in ("metrics.json", "geneval.png", "samples.png")
-               if (root / r["out"] / f).is_file()]
+    reports = [str(Path(r["out"]) / f) for r in res["stages"] for f in REPORTS if (root / r["out"] / f).is_file()]
     typer.echo(f"MLflow:  {ui}   (experiment {res['experiment_id']}, parent run {res['mlflow_run_id']})")
     if res.get("registry"):
         reg = res["registry"]
