@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from clvr.config import load_config
+from clvr.errors import ConfigError
 from clvr.models import load_pipeline
 from clvr.train import distill, pretrain
 from clvr.train.data import EDIT_OPS, PromptSource, random_edit, sample_batch
@@ -43,6 +44,15 @@ def test_batches_are_valid_edits_and_prompts():
     for op in EDIT_OPS:
         scene, step, adds = random_edit(rng, 4, 10, op)
         assert step.op == op and step.apply(scene) != scene and len(adds) == len(scene.objects)
+
+
+def test_edit_mix_follows_op_probs():
+    """`pretrain.op_probs` sets the edit mix: all moves -> every edit text is a move, changing two cells."""
+    b = sample_batch(np.random.default_rng(1), 64, 4, 1.0, 1.0, 0.0, 10, PromptSource(4, [1.0], pool=4),
+                     op_probs=(0.0, 0.0, 0.0, 1.0))
+    assert all(t.split(". ")[-1].startswith("move") for t in b.texts) and (b.changed.sum(1) == 2).all()
+    with pytest.raises(ConfigError, match="pretrain.op_probs"):
+        pretrain.run(load_config("ci", ["pretrain.op_probs=[0.5,0.5,0.5,0.5]"]))
 
 
 def test_pretrain_writes_metrics_checkpoints_and_final(tmp_path):
