@@ -7,11 +7,11 @@ implement `Generator` and register under a string key with `register_generator`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from clvr.errors import ClvrError
+from clvr.registry import Registry
 from clvr.world.scene import Cell
 
 
@@ -37,17 +37,6 @@ class Generator(Protocol):
     def generate(self, req: GenRequest) -> GenResult: ...
 
 
-GENERATORS: dict[str, Callable[..., Generator]] = {}
-
-
-def register_generator(key: str):
-    def deco(factory):
-        GENERATORS[key] = factory
-        return factory
-    return deco
-
-
-def make_generator(key: str, **kwargs) -> Generator:
-    if key not in GENERATORS:
-        raise ClvrError(f"unknown generator '{key}' (known: {', '.join(sorted(GENERATORS))})")
-    return GENERATORS[key](**kwargs)
+GENERATORS: Registry[Generator] = Registry("generator")
+register_generator = GENERATORS.register
+make_generator = GENERATORS.make

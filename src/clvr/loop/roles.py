@@ -6,11 +6,11 @@ under their own keys and are chosen by config (`loop.controller`, `loop.verifier
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from clvr.errors import ClvrError
+from clvr.registry import Registry
 from clvr.world.scene import Scene
 
 
@@ -77,31 +77,7 @@ class Verifier(Protocol):
         ...
 
 
-CONTROLLERS: dict[str, Callable[..., Controller]] = {}
-VERIFIERS: dict[str, Callable[..., Verifier]] = {}
-
-
-def register_controller(key: str):
-    def deco(factory):
-        CONTROLLERS[key] = factory
-        return factory
-    return deco
-
-
-def register_verifier(key: str):
-    def deco(factory):
-        VERIFIERS[key] = factory
-        return factory
-    return deco
-
-
-def make_controller(key: str, **kwargs) -> Controller:
-    if key not in CONTROLLERS:
-        raise ClvrError(f"unknown controller '{key}' (known: {', '.join(sorted(CONTROLLERS))})")
-    return CONTROLLERS[key](**kwargs)
-
-
-def make_verifier(key: str, **kwargs) -> Verifier:
-    if key not in VERIFIERS:
-        raise ClvrError(f"unknown verifier '{key}' (known: {', '.join(sorted(VERIFIERS))})")
-    return VERIFIERS[key](**kwargs)
+CONTROLLERS: Registry[Controller] = Registry("controller")
+VERIFIERS: Registry[Verifier] = Registry("verifier")
+register_controller, make_controller = CONTROLLERS.register, CONTROLLERS.make
+register_verifier, make_verifier = VERIFIERS.register, VERIFIERS.make
