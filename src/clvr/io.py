@@ -32,6 +32,19 @@ def atomic_write_text(path: Path, text: str, durable: bool = False) -> None:
             os.close(fd)
 
 
+def load_png(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8; a ClvrError naming the path if it is missing or unreadable."""
+    from PIL import Image
+
+    from clvr.errors import ClvrError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # missing, truncated, not an image
+        raise ClvrError(f"cannot read image {path}: {e}") from None
+
+
 def save_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 

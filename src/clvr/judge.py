@@ -30,7 +30,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from clvr.errors import ClvrError
-from clvr.io import atomic_write_text, save_png
+from clvr.io import atomic_write_text, load_png, save_png
 from clvr.world.vocab import GRID, RELATIONS
 
 POSITION_THRESHOLD = 0.1
@@ -215,13 +215,6 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
     atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def load_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 # ---- GenEval folder layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png ----------------------
 
 def write_geneval_folder(root: str | Path, metadata: list[dict], images: list[list[np.ndarray]]) -> None:
@@ -283,9 +276,9 @@ def score_folder(root: str | Path, metadata_file: str | Path | None = None, dete
 
 def _score_one(md: dict, path: Path, detector) -> dict:
     try:
-        image = load_image(path)
-    except Exception as e:  # unreadable file: reported for this image, the rest still scored
-        return {"correct": None, "status": "error", "reason": f"cannot read image: {type(e).__name__}: {e}"}
+        image = load_png(path)
+    except ClvrError as e:  # unreadable file: reported for this image, the rest still scored
+        return {"correct": None, "status": "error", "reason": str(e)}
     ok, reason = judge(md, detector(image))
     return {"correct": bool(ok), "status": "scored", "reason": reason}
 

@@ -45,7 +45,7 @@ from PIL import Image
 
 from clvr.config import Config, SynthesizeCfg, to_dict
 from clvr.errors import CheckpointError, ClvrError, ConfigError
-from clvr.io import atomic_write_text
+from clvr.io import atomic_write_text, load_png
 from clvr.trajectories import FILE, SCHEMA, SCHEMA_VERSION, Trajectory, TrajectoryStep
 
 WORK = "shards"
@@ -230,7 +230,7 @@ class Engine:
 
     def score(self, md: dict, rel: str, expected: np.ndarray) -> dict:
         """`image_score` of a written image, read back from disk (and checked to be the image the loop made)."""
-        image = read_png(self.out / rel)
+        image = load_png(self.out / rel)
         if not np.array_equal(image, expected):
             raise RuntimeError(f"{self.out / rel} does not hold the image the loop made")
         return image_score(md, image, self.cfg.world.grid, self.cfg.world.cell)
@@ -330,11 +330,6 @@ def write_png(path: Path, image: np.ndarray) -> None:
     """A PNG written in place: images are only ever referenced after their shard commits, and a redone shard
     wipes its folders first, so a half-written one is never read."""
     Image.fromarray(np.asarray(image, np.uint8), "RGB").save(path, format="PNG", compress_level=1)
-
-
-def read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def commit_shard(path: Path, trajs: list[Trajectory]) -> None:

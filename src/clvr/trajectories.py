@@ -63,6 +63,7 @@ from typing import Iterator
 import numpy as np
 
 from clvr.errors import ClvrError
+from clvr.io import load_png
 
 SCHEMA = "clvr.trajectory"
 SCHEMA_VERSION = 1
@@ -232,14 +233,7 @@ def load_trajectories(path: str | Path, accepted_only: bool = False) -> Iterator
 
 def load_image(root: str | Path, rel: str) -> np.ndarray:
     """An image of the data set at `root` as (H, W, 3) uint8."""
-    from PIL import Image
-
-    path = Path(root) / rel
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise ClvrError(f"cannot read data set image {path}: {e}") from None
+    return load_png(Path(root) / rel)
 
 
 @dataclass

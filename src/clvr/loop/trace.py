@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from clvr.errors import ClvrError
-from clvr.io import atomic_write_text, save_png
+from clvr.io import atomic_write_text, load_png, save_png
 
 TRACE_VERSION = 1
 
@@ -135,11 +135,6 @@ def _jsonable(o: object):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def load_png(path: Path) -> np.ndarray:
-    try:
-        return np.asarray(Image.open(path).convert("RGB"))
-    except OSError as e:
-        raise ClvrError(f"cannot read image {path}: {e}") from None
 
 
 def filmstrip(trace: Trace, scale: int = 3, per_row: int = 6) -> Image.Image:
