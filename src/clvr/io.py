@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -30,6 +32,23 @@ def atomic_write_text(path: Path, text: str, durable: bool = False) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def atomic_dir(final: Path, write: Callable[[Path], object]) -> Path:
+    """Call write(tmp_dir), then rename tmp_dir to `final` (replacing an older folder of that name)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
 
 
 def load_png(path: Path) -> np.ndarray:

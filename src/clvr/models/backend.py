@@ -16,6 +16,7 @@ import torch
 
 from clvr.errors import CheckpointError
 from clvr.generator import GenRequest, GenResult, register_generator
+from clvr.io import atomic_dir
 from clvr.models.pipeline import WorldPipeline
 from clvr.train.data import join_text
 from clvr.world.render import blank
@@ -76,19 +77,14 @@ def ship(src: str | Path, name: str, root: Path = WEIGHTS_DIR) -> Path:
     if name not in SHIPPED:
         raise CheckpointError(f"can only ship as {' or '.join(SHIPPED)}, not '{name}'")
     pipe, dest = load_pipeline(src), root / name
-    tmp = dest.with_name(f".{name}.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
     card = dest / "MODEL_CARD.md"
-    if card.is_file():
-        shutil.copy2(card, tmp / card.name)
-    old = dest.with_name(f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)
-    return dest
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp)
+        if card.is_file():
+            shutil.copy2(card, tmp / card.name)
+
+    return atomic_dir(dest, write)
 
 
 @contextmanager

@@ -9,7 +9,6 @@ previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clvr.errors import CheckpointError
-from clvr.io import atomic_write_text
+from clvr.io import atomic_dir, atomic_write_text
 
 KEEP = 2  # newest checkpoints kept
 
@@ -30,23 +29,6 @@ def step_dir(root: Path, step: int) -> Path:
 def latest(root: Path) -> Path | None:
     ckpts = sorted((root / "checkpoints").glob("step-[0-9]*")) if (root / "checkpoints").is_dir() else []
     return ckpts[-1] if ckpts else None
-
-
-def atomic_dir(final: Path, write) -> Path:
-    """Call write(tmp_dir), then rename tmp_dir to `final` (replacing an older folder of that name)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if final.exists():
-        old = final.parent / f".old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
 
 
 def save_checkpoint(root: Path, step: int, pipe, opt: torch.optim.Optimizer, rng: np.random.Generator,

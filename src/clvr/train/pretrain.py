@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from clvr.config import Config, to_dict
 from clvr.errors import ConfigError
+from clvr.io import atomic_dir
 from clvr.models.pipeline import Cond, WorldPipeline
 from clvr.train import ckpt
 from clvr.train.data import PromptSource, sample_batch, tokens
@@ -137,7 +138,7 @@ class Trainer:
             if self.step % s.ckpt_every == 0 or self.step == s.steps:
                 self.save()
         bar.close()
-        final = ckpt.atomic_dir(out / "final", lambda d: self.pipe.save_pretrained(d))
+        final = atomic_dir(out / "final", lambda d: self.pipe.save_pretrained(d))
         metrics = {**{f"train_{k}": float(v) for k, v in last.items()}, **{f"eval_{k}": float(v) for k, v in ev.items()},
                    "steps": float(self.step), "wall_s_this_run": time.perf_counter() - t0}
         ckpt.write_json(out / "metrics.json", metrics)
