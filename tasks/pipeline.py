@@ -79,6 +79,9 @@ def stage_task(name: str, root: str, parent_run_id: str, experiment_id: str) -> 
             "checkpoints": logged, **result}
 
 
+OUT_ARTIFACTS = {".png": "plots", ".md": "reports"}  # cached outs that are also worth a look in MLflow
+
+
 def _log_outputs(client, run_id: str, root: Path, stage, cfg) -> dict:
     """Metrics (summary + step-wise), plots, config and data sets of a finished stage; its final/ hash."""
     out = stage.out(cfg)
@@ -89,12 +92,11 @@ def _log_outputs(client, run_id: str, root: Path, stage, cfg) -> dict:
             metrics.update({k: v for k, v in json.loads(p.read_text()).items() if isinstance(v, (int, float))})
     tracking.log_metrics(client, run_id, metrics)
     tracking.log_step_metrics(client, run_id, root / out / "metrics.jsonl")
-    for p in [resolve(p, cfg) for p, _ in stage.plots] + [resolve(o, cfg) for o in stage.outs if o.endswith(".png")]:
+    files = [(resolve(p, cfg), "plots") for p, _ in stage.plots]
+    files += [(resolve(o, cfg), OUT_ARTIFACTS[Path(o).suffix]) for o in stage.outs if Path(o).suffix in OUT_ARTIFACTS]
+    for p, folder in files:
         if (root / p).is_file():
-            client.log_artifact(run_id, str(root / p), "plots")
-    for p in [resolve(o, cfg) for o in stage.outs if o.endswith(".md")]:  # e.g. the data set card
-        if (root / p).is_file():
-            client.log_artifact(run_id, str(root / p), "reports")
+            client.log_artifact(run_id, str(root / p), folder)
     client.log_artifact(run_id, str(root / PARAMS_FILE), "config")
     rev = dvc.head(root)
     for d in stage.datasets:
