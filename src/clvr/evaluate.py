@@ -69,7 +69,8 @@ def run(cfg: Config) -> dict:
     finals: dict[str, list] = {}
     for stage, path in models.items():
         t = time.perf_counter()
-        rows = run_mode(cfg, load_generator(cfg, str(path)), prompts, "single", cfg.eval.seed)
+        generator = load_generator(cfg, str(path))
+        rows = run_mode(cfg, generator, prompts, "single", cfg.eval.seed)
         scores[stage] = {k: round(v, 4) for k, v in score(rows).items()}
         metrics.update({f"{stage}_geneval_{k}": v for k, v in scores[stage].items()})
         metrics[f"{stage}_s_per_prompt"] = (time.perf_counter() - t) / len(rows)
@@ -79,8 +80,7 @@ def run(cfg: Config) -> dict:
                                              for stage, sc in scores.items() for k, v in sc.items()], indent=1))
     plot_geneval(scores, out / "geneval.png")
     samples_sheet(finals, out / "samples.png")
-    last = list(models)[-1]
-    metrics.update(probe_metrics(cfg, load_generator(cfg, str(models[last])), out))
+    metrics.update(probe_metrics(cfg, generator, out))  # the last generator: the one the loop runs
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"metrics": metrics, "final": None}
 
