@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from clvr.config import Config, load_config
-from clvr.errors import ClvrError
+from clvr.errors import ClvrError, ConfigError
 from clvr.stages import STAGES, dvc_yaml, get_stage, prepare_resume, resolve, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,15 @@ def test_evaluate_stage(trained):
 def test_evaluate_without_models_is_a_clear_error(tmp_path):
     with pytest.raises(ClvrError, match="nothing to evaluate"):
         run_stage("evaluate", ci_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("override, key", [("eval.probe_n_per_tier=0", "eval.probe_n_per_tier"),
+                                           ("eval.speed_batch=-1", "eval.speed_batch")])
+def test_bad_eval_counts_are_clear_errors(tmp_path, override, key):
+    cfg = load_config("ci", [override, f"eval.out={tmp_path / 'eval'}"])
+    with pytest.raises(ConfigError, match=key):
+        run_stage("evaluate", cfg)
+    assert not (tmp_path / "eval" / "prompts.jsonl").exists()  # checked before any work
 
 
 # ---- MLflow building blocks (real SQLite store) --------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from clvr.config import Config
+from clvr.errors import ConfigError
 from clvr.generator import Generator
 from clvr.loop.run import build_roles, run_loop, run_many
 from clvr.io import atomic_write_text
@@ -37,6 +38,16 @@ from clvr.judge import judge_image, write_geneval_folder
 TIERS = tuple(range(1, 11))
 MODES = ("single", "loop")
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def check_eval_cfg(cfg: Config) -> None:
+    """The `eval` section's counts, checked before any work (a clear error instead of an empty probe)."""
+    e = cfg.eval
+    for key in ("n_per_tier", "probe_n_per_tier", "geneval_n", "speed_n", "batch_size"):
+        if getattr(e, key) < 1:
+            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
+    if e.speed_batch < 0:
+        raise ConfigError(f"eval.speed_batch must be >= 0 (0 = no batched columns), got {e.speed_batch}")
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -150,6 +161,7 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
               out: str | Path | None = None, log=print) -> dict:
     """Single-step vs loop on the same held-out prompts and the same generator. Writes probe.json,
     probe_rows.jsonl and probe.png under `out` (default cfg.eval.out) and returns the summary."""
+    check_eval_cfg(cfg)
     n = n_per_tier or cfg.eval.n_per_tier
     prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
     capacity = i_eff(generator)  # one backbone, one figure: both modes report it
@@ -259,6 +271,7 @@ def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = Non
     same loops for `eval.speed_batch` prompts in lockstep, seconds per prompt = batch time / batch."""
     import torch
 
+    check_eval_cfg(cfg)
     n = n or cfg.eval.speed_n
     prompts = probe_prompts(n, cfg.eval.seed + 1, cfg.world.grid, (tier,))
     batched = probe_prompts(cfg.eval.speed_batch, cfg.eval.seed + 2, cfg.world.grid, (tier,))
