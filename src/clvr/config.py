@@ -7,7 +7,7 @@ An unknown key or a value of the wrong type raises `ConfigError` naming the key 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from clvr.errors import ConfigError
+
+
+def need(ok: bool, key: str, rule: str, value: Any) -> None:
+    """Range check of one config value: a ConfigError naming the key, the rule and the value."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
 @dataclass
@@ -62,6 +68,11 @@ class PretrainCfg:
     eval_steps: int = 4  # sampling steps (no CFG) for the quick in-training evaluation
     threads: int = 1  # torch threads (1 is fastest on a small shared CPU)
     seed: int = 0
+
+    def check(self, name: str) -> None:
+        p = self.op_probs
+        need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
+             "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
 
 
 @dataclass
@@ -254,7 +265,7 @@ def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Con
             raise ConfigError(f"override '{item}' must look like key=value")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
     cfg.profile = profile
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    return validate(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
 
 
 def load_config_file(path: str | Path) -> Config:
@@ -262,7 +273,17 @@ def load_config_file(path: str | Path) -> Config:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"no config file '{p}'")
-    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), _load_yaml(p), str(p)))  # type: ignore[return-value]
+    return validate(OmegaConf.to_object(_merge(OmegaConf.structured(Config), _load_yaml(p), str(p))))  # type: ignore[arg-type]
+
+
+def validate(cfg: Config) -> Config:
+    """Range-check every section when the config loads, before any work: each section dataclass that has a
+    `check(name)` method raises a ConfigError naming `section.key` (see `need`)."""
+    for f in fields(cfg):
+        check = getattr(getattr(cfg, f.name), "check", None)
+        if callable(check):
+            check(f.name)
+    return cfg
 
 
 def to_yaml(cfg: Config) -> str:

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from clvr.config import Config, to_dict
-from clvr.errors import ConfigError
 from clvr.io import atomic_dir
 from clvr.models.pipeline import Cond, WorldPipeline
 from clvr.train import ckpt
@@ -145,15 +144,7 @@ class Trainer:
         return {"metrics": metrics, "final": str(final)}
 
 
-def check_cfg(cfg: Config) -> None:
-    probs = cfg.pretrain.op_probs
-    if len(probs) != 4 or min(probs) < 0 or abs(sum(probs) - 1) > 1e-6:
-        raise ConfigError(f"pretrain.op_probs must be 4 probabilities (add, remove, recolor, move) summing to 1, "
-                          f"got {list(probs)}")
-
-
 def run(cfg: Config) -> dict:
-    check_cfg(cfg)
     torch.set_num_threads(cfg.pretrain.threads)
     out = Path(cfg.pretrain.out)
     out.mkdir(parents=True, exist_ok=True)
