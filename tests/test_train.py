@@ -1,8 +1,14 @@
-"""Training stages on the ci profile: a step learns, outputs are written, a killed run resumes exactly."""
+"""Training stages on the ci profile: a step learns, outputs are written, a killed run resumes exactly, and
+N ranks under torchrun (CPU, gloo) train the same model as one process."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -10,9 +16,9 @@ import torch
 from typer.testing import CliRunner
 
 from clvr.config import load_config
-from clvr.errors import ConfigError
+from clvr.errors import CheckpointError, ConfigError
 from clvr.models import load_pipeline
-from clvr.train import distill, pretrain
+from clvr.train import distill, loop, pretrain
 from clvr.train.data import EDIT_OPS, PromptSource, random_edit, sample_batch
 
 
@@ -27,7 +33,7 @@ def weights(path) -> dict[str, torch.Tensor]:
 
 
 def test_one_training_step_changes_parameters(tmp_path):
-    tr = pretrain.Trainer(ci(tmp_path), out=None)
+    tr = pretrain.trainer(ci(tmp_path), out=None)
     before = [p.detach().clone() for p in tr.params]
     stats = tr.train_step()
     assert np.isfinite(stats["loss"]) and tr.step == 1
@@ -71,18 +77,18 @@ def test_pretrain_writes_metrics_checkpoints_and_final(tmp_path):
 def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
     straight = pretrain.run(ci(tmp_path / "a"))["final"]
     cfg = ci(tmp_path / "b")
-    real_step = pretrain.Trainer.train_step
+    real_step = loop.Trainer.train_step
 
     def dying_step(self):  # the process dies during step 3, after the step-2 checkpoint
         if self.step == 2:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(pretrain.Trainer, "train_step", dying_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         pretrain.run(cfg)
     assert not (tmp_path / "b" / "pre" / "final").exists()
-    monkeypatch.setattr(pretrain.Trainer, "train_step", real_step)
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     resumed = pretrain.run(cfg)["final"]
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -118,3 +124,116 @@ def test_cli_pretrain_and_bad_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "clvr", "world", "bench-generator", "--profile", "ci", "--model",
                           str(tmp_path / "none")], capture_output=True, text=True)
     assert bad.returncode == 2 and str(tmp_path / "none") in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- the engine: ranks, ZeRO, kill -9 ------------------------------------------------------------------------
+
+TOL = 1e-5  # max |parameter difference| after the ci run's 4 steps, N ranks vs 1 (float sums in another order)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def pretrain_cmd(out, ranks: int, *extra: str) -> list[str]:
+    """`clvr world pretrain` on the ci profile: one process, or `ranks` processes under torchrun."""
+    launch = [sys.executable, "-m", "clvr"] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "clvr"]
+    return [*launch, "world", "pretrain", "--profile", "ci", f"pretrain.out={out}", "pretrain.eval_trials=1", *extra]
+
+
+def run_ok(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def kill_after_checkpoint(cmd: list[str], out, delay: float) -> None:
+    """Start `cmd` in its own process group; `delay` s after the step-2 checkpoint appears, SIGKILL every
+    process of it (launcher and ranks alike)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-000002").exists():
+            assert p.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(delay)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory) -> dict:
+    """The reference: the ci pretrain as one plain process (ZeRO-0)."""
+    out = tmp_path_factory.mktemp("one") / "pre"
+    run_ok(pretrain_cmd(out, 1))
+    return weights(out / "final")
+
+
+def test_a_killed_single_process_run_resumes_exactly(tmp_path, one_rank):
+    out = tmp_path / "pre"
+    kill_after_checkpoint(pretrain_cmd(out, 1), out, delay=0.3)
+    assert not (out / "final").exists()
+    run_ok(pretrain_cmd(out, 1))
+    assert max_diff(weights(out / "final"), one_rank) == 0.0
+
+
+def test_two_ranks_train_what_one_process_trains(tmp_path, one_rank):
+    """torchrun --nproc-per-node 2 at the same global batch: the same parameters within TOL; only rank 0
+    wrote the run's files, and each checkpoint holds the ZeRO-0 state once."""
+    out = tmp_path / "pre"
+    run_ok(pretrain_cmd(out, 2))
+    assert max_diff(weights(out / "final"), one_rank) <= TOL
+    state = json.loads((out / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["zero_stage"] == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps.count(4) == 2  # one train and one eval line, written once
+
+
+def test_zero2_on_two_ranks_matches_zero0_and_its_shards_need_two_ranks(tmp_path, one_rank):
+    out = tmp_path / "pre"
+    run_ok(pretrain_cmd(out, 2, "engine.zero_stage=2"))
+    assert max_diff(weights(out / "final"), one_rank) <= TOL
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-000004" / "ds").glob("zero_pp_rank_*"))
+    assert len(shards) == 2  # each rank saved its share of the optimizer state
+    cfg = load_config("ci", [f"pretrain.out={out}", "pretrain.steps=6", "engine.zero_stage=2"])
+    with pytest.raises(CheckpointError, match="2 rank"):
+        pretrain.run(cfg)  # one process cannot read two ranks' ZeRO-2 shards
+
+
+def test_a_killed_two_rank_run_resumes(tmp_path, one_rank):
+    out = tmp_path / "pre"
+    kill_after_checkpoint(pretrain_cmd(out, 2), out, delay=0.5)
+    assert not (out / "final").exists()
+    run_ok(pretrain_cmd(out, 2))
+    assert max_diff(weights(out / "final"), one_rank) <= TOL
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_engine_config_errors_name_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match="engine.zero_stage"):
+        load_config("ci", ["engine.zero_stage=4"])
+    monkeypatch.setenv("RANK", "0")  # a launcher environment set only partly
+    with pytest.raises(ConfigError, match="WORLD_SIZE"):
+        load_config("ci")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(ConfigError, match="pretrain.batch_size"):  # 8 does not split over 3 ranks
+        load_config("ci")
+    assert load_config("ci", ["pretrain.batch_size=9", "distill.batch_size=9"]).pretrain.batch_size == 9
+
+
+def test_ranks_draw_disjoint_slices_of_one_seeded_global_batch(tmp_path):
+    cfg = ci(tmp_path)
+    src = loop.PromptSource(4, cfg.pretrain.tier_weights, cfg.pretrain.prompt_pool, cfg.pretrain.seed)
+    whole = loop.draw_rows(cfg.pretrain, src, 4, 7, 0, 8, 0.1).batch
+    halves = [loop.draw_rows(cfg.pretrain, src, 4, 7, lo, lo + 4, 0.1).batch for lo in (0, 4)]
+    assert whole.texts == halves[0].texts + halves[1].texts
+    assert np.array_equal(whole.x0, np.concatenate([h.x0 for h in halves]))
+    assert loop.draw_rows(cfg.pretrain, src, 4, 8, 0, 8, 0.1).batch.texts != whole.texts  # another step, other samples

@@ -70,9 +70,61 @@ class PretrainCfg:
     seed: int = 0
 
     def check(self, name: str) -> None:
+        check_global_batch(self.batch_size, f"{name}.batch_size")
         p = self.op_probs
         need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
              "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def launcher_env(env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from a torchrun/deepspeed launcher's environment; (0, 1, 0) without one.
+    A partial environment (RANK without WORLD_SIZE, ...) is a ConfigError, not a hang at rendezvous."""
+    env = dict(os.environ if env is None else env)
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    have = [k for k in keys if env.get(k, "") != ""]
+    if not have:
+        return 0, 1, 0
+    if len(have) < len(keys):
+        missing = ", ".join(k for k in keys if k not in have)
+        raise ConfigError(f"partial launcher environment: {', '.join(have)} set but {missing} not "
+                          "(run under torchrun/deepspeed, or unset them for one process)")
+    try:
+        rank, world, local = (int(env[k]) for k in keys)
+    except ValueError:
+        raise ConfigError(f"launcher environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers, got "
+                          f"{[env[k] for k in keys]}") from None
+    if not (world >= 1 and 0 <= rank < world and 0 <= local <= rank):
+        raise ConfigError(f"launcher environment: RANK={rank}, LOCAL_RANK={local} do not fit WORLD_SIZE={world}")
+    if world > 1 and not (env.get("MASTER_ADDR") and env.get("MASTER_PORT")):
+        raise ConfigError(f"launcher environment: WORLD_SIZE={world} needs MASTER_ADDR and MASTER_PORT")
+    return rank, world, local
+
+
+def check_global_batch(batch_size: int, key: str) -> None:
+    """A global batch is split evenly over the launcher's ranks (checked when the config loads, on every rank)."""
+    world = launcher_env()[1]
+    need(batch_size >= 1 and batch_size % world == 0, key, f"a positive multiple of the world size {world}",
+         batch_size)
+
+
+@dataclass
+class EngineCfg:
+    """The training engine (clvr.train.engine, DeepSpeed) shared by every trainer. The device follows the
+    machine: CUDA + NCCL when a GPU is visible, else CPU + gloo; DS_ACCELERATOR=cpu forces the CPU.
+    The world size comes from the launcher (torchrun / deepspeed), never from the config."""
+
+    zero_stage: int = 0  # ZeRO stage 0-3 (2 shards optimizer state + gradients, 3 also the parameters)
+    precision: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU; or fp32 | bf16
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+
+    def check(self, name: str) -> None:
+        need(self.zero_stage in ZERO_STAGES, f"{name}.zero_stage", f"one of {list(ZERO_STAGES)}", self.zero_stage)
+        need(self.precision in PRECISIONS, f"{name}.precision", f"one of {list(PRECISIONS)}", self.precision)
+        need(self.grad_clip >= 0, f"{name}.grad_clip", ">= 0", self.grad_clip)
 
 
 @dataclass
@@ -92,6 +144,24 @@ class DistillCfg:
     guidance: float = 2.0
     ckpt_every: int = 250
     seed: int = 0
+    # the data mix and loss weights of distill's own batches (read from here, not from pretrain.*)
+    edit_frac: float = 0.7
+    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
+    grounded_frac: float = 0.8
+    max_objects: int = 10
+    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])
+    prompt_pool: int = 400
+    changed_weight: float = 5.0
+    gate_weight: float = 0.5
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+
+    def check(self, name: str) -> None:
+        check_global_batch(self.batch_size, f"{name}.batch_size")
+        p = self.op_probs
+        need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
+             "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
+        need(self.nfe >= 1, f"{name}.nfe", ">= 1", self.nfe)
 
 
 @dataclass
@@ -206,6 +276,7 @@ class Config:
     generator: GeneratorCfg = field(default_factory=GeneratorCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    engine: EngineCfg = field(default_factory=EngineCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     loop: LoopCfg = field(default_factory=LoopCfg)
     controller: ControllerCfg = field(default_factory=ControllerCfg)

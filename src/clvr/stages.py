@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from clvr.config import Config, SynthesizeCfg, to_dict, to_yaml
+from clvr.config import Config, SynthesizeCfg, launcher_env, to_dict, to_yaml
 from clvr.errors import ClvrError
 from clvr.io import atomic_write_text
 
@@ -241,11 +241,12 @@ def run_stage(name: str, cfg: Config) -> dict:
     seed_everything(cfg.seed)
     out = stage.out(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if stage.resumable:
+    main = launcher_env()[0] == 0  # under torchrun / deepspeed only rank 0 clears and writes the run's files
+    if stage.resumable and main:
         prepare_resume(stage, cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     result = stage.function()(cfg)
     if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
         raise TypeError(f"stage '{name}' returned {type(result).__name__}, not {{'metrics': ..., 'final': ...}}")
-    if stage.resumable:
+    if stage.resumable and main:
         write_curve(out)
     return result

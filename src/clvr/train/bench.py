@@ -89,9 +89,9 @@ def ms_per_image(gen, n: int, grid: int, cell: int, batch: int = 64) -> float:
 
 def train_samples_per_s(cfg, seconds: float = 10.0) -> float:
     """Throughput of the pretrain step (data + forward + backward + optimiser) at cfg's model size/batch."""
-    from clvr.train.pretrain import Trainer
+    from clvr.train.pretrain import trainer
 
-    tr = Trainer(cfg, out=None)
+    tr = trainer(cfg, out=None)
     tr.train_step()  # warm-up
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:

@@ -12,6 +12,9 @@ without CFG loses is the guidance (2 NFE per step) and fidelity at the four coar
 teacher exactly there closes that gap at 2 teacher NFE per sample, whereas progressive distillation needs
 log2(28/4) rounds of teacher sampling and consistency/reflow need full teacher trajectories, each costing more
 CPU than the whole pretrain.
+
+Every setting comes from the `distill` section (its data mix and loss weights included); it runs on the
+training engine through the same loop as pretrain. Each rank holds a frozen copy of the teacher.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from clvr.config import Config
 from clvr.models.pipeline import Cond, WorldPipeline
+from clvr.train import ckpt
 from clvr.train.data import tokens
-from clvr.train.pretrain import EVAL_TIERS, Trainer
+from clvr.train.engine import Engine
+from clvr.train.loop import Rows, Trainer
+from clvr.train.pretrain import EVAL_TIERS, noise, weighted_x0_loss
 
 
 def teacher_path(cfg: Config) -> str:
@@ -37,31 +43,17 @@ def teacher_path(cfg: Config) -> str:
     return str(final) if (final / "model_index.json").is_file() else "base"
 
 
-class Distiller(Trainer):
-    stage = "distill"
+class DistillLoss:
+    def __init__(self, cfg: Config, teacher: WorldPipeline, sigmas: torch.Tensor):
+        self.cfg, self.teacher, self.sigmas = cfg, teacher, sigmas
 
-    def build(self, resume: Path | None) -> WorldPipeline:
-        from clvr.models.backend import load_pipeline
-
-        d = self.cfg.distill
-        self.teacher = load_pipeline(teacher_path(self.cfg))
-        self.teacher.transformer.requires_grad_(False), self.teacher.text_encoder.requires_grad_(False)
-        student = load_pipeline(resume / "model" if resume else teacher_path(self.cfg))
-        student.register_to_config(default_steps=d.nfe, default_guidance=1.0)
-        sched = FlowMatchEulerDiscreteScheduler.from_config(student.scheduler.config)
-        sched.set_timesteps(d.nfe)
-        self.sigmas = sched.sigmas[:-1].float()  # the student's sampling sigmas, e.g. 1, .75, .5, .25
-        return student
-
-    def sample_t(self, n: int) -> torch.Tensor:
-        return self.sigmas[torch.randint(len(self.sigmas), (n,), generator=self.gen)]
-
-    def loss(self) -> tuple[torch.Tensor, dict[str, float]]:
-        b, cell, w = self.batch(text_dropout=0.0), self.cfg.world.cell, self.cfg.distill.guidance
+    def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
+        b, d, dev = rows.batch, self.cfg.distill, engine.to_device
+        cell, w = self.cfg.world.cell, d.guidance
         x0, ref = tokens(b.x0, cell), tokens(b.ref, cell)
         region = torch.from_numpy(b.region)
-        t = self.sample_t(len(b.texts))
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * torch.randn(x0.shape, generator=self.gen)
+        t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(self.sigmas[r.integers(len(self.sigmas))]))
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         with torch.no_grad():
             tp = self.teacher
             cond = Cond(ref, region, tp.encode_text(b.texts))
@@ -69,39 +61,58 @@ class Distiller(Trainer):
             new_u, _ = tp.predict(x_t, t, cond, tp.encode_text([""] * len(b.texts)))
             target = new_u + w * (new_c - new_u)
             gate_t = torch.sigmoid(gate_c)
-        new, gate = self.pipe.predict(x_t, t, Cond(ref, region, self.pipe.encode_text(b.texts)))
-        wt = 1 + (self.cfg.pretrain.changed_weight - 1) * torch.from_numpy(b.changed)
-        loss_x = (wt * ((new - target) ** 2).mean(-1)).sum() / wt.sum()
-        loss_g = F.binary_cross_entropy_with_logits(gate, gate_t)
-        return loss_x + self.cfg.pretrain.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item()}
+        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
+        target, gate_t = target.to(new.device), gate_t.to(new.device)
+        wt = 1 + (d.changed_weight - 1) * torch.from_numpy(b.changed).to(new.device)
+        loss_x = weighted_x0_loss(engine, new, target, wt)
+        loss_g = F.binary_cross_entropy_with_logits(gate.float(), gate_t)
+        return loss_x + d.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item()}
 
-    def evaluate(self) -> dict[str, float]:
+
+def trainer(cfg: Config, out: Path | None) -> Trainer:
+    from clvr.models.backend import load_pipeline
+
+    d = cfg.distill
+    teacher = load_pipeline(teacher_path(cfg))
+    teacher.transformer.requires_grad_(False), teacher.text_encoder.requires_grad_(False)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(teacher.scheduler.config)
+    sched.set_timesteps(d.nfe)
+    sigmas = sched.sigmas[:-1].float()  # the student's sampling sigmas, e.g. 1, .75, .5, .25
+
+    def build(resume: Path | None) -> WorldPipeline:
+        student = load_pipeline(resume / "model" if resume else teacher_path(cfg))
+        student.register_to_config(default_steps=d.nfe, default_guidance=1.0)
+        return student
+
+    def evaluate(pipe: WorldPipeline) -> dict[str, float]:
         from clvr.train.bench import quick_eval
 
-        return quick_eval(self.pipe, self.scfg.eval_trials, self.cfg.distill.nfe, 1.0, EVAL_TIERS)
+        return quick_eval(pipe, d.eval_trials, d.nfe, 1.0, EVAL_TIERS)
 
-    def fit(self) -> dict:
-        """Student metrics at `nfe` (no CFG); the teacher's at `teacher_steps` + CFG once, for the gap."""
-        from clvr.train.bench import quick_eval
+    tr = Trainer("distill", cfg, d, build, DistillLoss(cfg, teacher, sigmas), evaluate, out, text_dropout=0.0)
+    tr.teacher = teacher
+    return tr
 
-        res = super().fit()
+
+def run(cfg: Config) -> dict:
+    """Student metrics at `nfe` (no CFG); the teacher's at `teacher_steps` + CFG once, for the gap."""
+    from clvr.train.bench import quick_eval
+
+    torch.set_num_threads(cfg.distill.threads)
+    out = Path(cfg.distill.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tr = trainer(cfg, out)
+    res = tr.fit()
+    if tr.engine.is_main:
         t0 = time.perf_counter()
-        teach = quick_eval(self.teacher, self.scfg.eval_trials, self.cfg.distill.teacher_steps,
-                           self.cfg.distill.guidance, EVAL_TIERS)
+        teach = quick_eval(tr.teacher, cfg.distill.eval_trials, cfg.distill.teacher_steps, cfg.distill.guidance,
+                           EVAL_TIERS)
         m = res["metrics"]
         m.update({f"teacher_{k}": v for k, v in teach.items()})
         gaps = [abs(m[f"eval_{k}"] - v) for k, v in teach.items() if k.startswith("edit_") and f"eval_{k}" in m]
         if gaps:
             m["edit_gap_max"] = max(gaps)
         m["teacher_eval_s"] = time.perf_counter() - t0
-        from clvr.train import ckpt
-
-        ckpt.write_json(self.out / "metrics.json", m)
-        return res
-
-
-def run(cfg: Config) -> dict:
-    torch.set_num_threads(cfg.distill.threads)
-    out = Path(cfg.distill.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return Distiller(cfg, out).fit()
+        ckpt.write_json(out / "metrics.json", m)
+    tr.engine.barrier()
+    return {"metrics": ckpt.read_json(out / "metrics.json"), "final": res["final"]}

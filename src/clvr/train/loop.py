@@ -1,0 +1,150 @@
+"""The one training loop (nanoGPT-style) that pretrain and distill run on the engine, with a pluggable loss.
+
+Data: sample i of global step s is drawn from its own RNG, `default_rng([seed, s, i])` (the data mix and the
+noise of the loss). Rank r of W draws samples [r*B/W, (r+1)*B/W) of the global batch B, so the ranks draw
+disjoint samples and N processes train on exactly the data of one; no RNG state needs saving for a resume.
+A loss returns its rank's share scaled so that DeepSpeed's gradient average over ranks is the gradient of
+the global-batch loss (`Loss` below).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from clvr.config import Config, to_dict
+from clvr.io import atomic_dir
+from clvr.models.pipeline import WorldPipeline
+from clvr.train import ckpt, engine as eng_mod
+from clvr.train.data import Batch, PromptSource, sample_batch
+from clvr.train.engine import Engine
+
+
+@dataclass
+class Rows:
+    """One rank's samples of one global batch: the batch and each sample's own RNG (for its noise)."""
+
+    batch: Batch
+    rngs: list[np.random.Generator]
+
+
+def draw_rows(section: Any, prompts: PromptSource, grid: int, step: int, lo: int, hi: int,
+              text_dropout: float) -> Rows:
+    """Samples [lo, hi) of global batch `step`, each from default_rng([section.seed, step, i])."""
+    rngs = [np.random.default_rng([section.seed, step, i]) for i in range(lo, hi)]
+    parts = [sample_batch(r, 1, grid, section.edit_frac, section.grounded_frac, text_dropout, section.max_objects,
+                          prompts, op_probs=tuple(section.op_probs)) for r in rngs]
+    cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
+    batch = Batch(cat("x0"), cat("ref"), cat("region"), cat("changed"), [t for p in parts for t in p.texts],
+                  cat("edit"))
+    return Rows(batch, rngs)
+
+
+class Loss(Protocol):
+    """loss(engine, pipe, rows) -> (this rank's loss, stats). The mean over ranks of the returned loss (and of
+    each stat) is the global-batch value; normalisers that span the batch go through `engine.all_sum`."""
+
+    def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
+        ...
+
+
+def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_frac: float) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_frac."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+class Trainer:
+    """One training run: a pipeline on the engine, a loss, an evaluation; resumes from the newest checkpoint
+    in `out` (None: no checkpoints, no outputs, e.g. a benchmark)."""
+
+    def __init__(self, name: str, cfg: Config, section: Any, build: Callable[[Path | None], WorldPipeline],
+                 loss: Loss, evaluate: Callable[[WorldPipeline], dict[str, float]], out: Path | None,
+                 text_dropout: float = 0.0):
+        self.name, self.cfg, self.s, self.out = name, cfg, section, out
+        self.loss, self.evaluate_fn, self.text_dropout = loss, evaluate, text_dropout
+        self.prompts = PromptSource(cfg.world.grid, section.tier_weights, section.prompt_pool, section.seed)
+        self.step = 0
+        # join the ranks first: under a launcher, rank 0 may still be clearing a stale run's checkpoints
+        # (stages.prepare_resume) when the others start
+        if eng_mod.init_dist(eng_mod.pick_device(cfg.engine.precision))[1] > 1:
+            eng_mod.dist.barrier()
+        resume = eng_mod.latest(out) if out is not None else None
+        self.pipe = build(resume)
+        self.engine = Engine({"transformer": self.pipe.transformer, "text_encoder": self.pipe.text_encoder},
+                             cfg.engine, section.batch_size, section.lr, section.weight_decay)
+        if resume is not None:
+            self.step = self.engine.load(resume)["step"]
+        self.params = self.engine.params
+        self.pipe.transformer.train(), self.pipe.text_encoder.train()
+
+    def rows(self, step: int) -> Rows:
+        """This rank's share of global batch `step`."""
+        e = self.engine
+        lo = e.rank * e.micro_batch
+        return draw_rows(self.s, self.prompts, self.cfg.world.grid, step, lo, lo + e.micro_batch, self.text_dropout)
+
+    def train_step(self) -> dict[str, float]:
+        s = self.s
+        lr = lr_at(self.step, s.lr, s.warmup, s.steps, s.min_lr_frac)
+        self.engine.set_lr(lr)
+        loss, stats = self.loss(self.engine, self.pipe, self.rows(self.step))
+        gn = self.engine.step(loss)
+        self.step += 1
+        return {"loss": loss.item(), **stats, "grad_norm": gn, "lr": lr}
+
+    def evaluate(self) -> dict[str, float]:
+        """Rank 0 evaluates the whole model (gathered under ZeRO-3); the others wait."""
+        with self.engine.full_params():
+            ev = self.evaluate_fn(self.pipe) if self.engine.is_main else {}
+        self.engine.barrier()
+        return ev
+
+    def save(self) -> None:
+        self.engine.save(self.out, self.step, lambda d: self.pipe.save_pretrained(d), {"config": to_dict(self.cfg)})
+
+    def fit(self) -> dict:
+        """Train to section.steps (from wherever the last checkpoint left off). Rank 0 writes metrics.jsonl,
+        final/ and metrics.json; every rank returns rank 0's metrics."""
+        s, out, e = self.s, self.out, self.engine
+        main = e.is_main
+        log = ckpt.MetricsLog(out / "metrics.jsonl", self.step) if main else None
+        t0, n0, last, ev = time.perf_counter(), self.step, {}, {}
+        bar = tqdm(total=s.steps, initial=self.step, desc=self.name, dynamic_ncols=True, mininterval=2,
+                   disable=not main)
+        while self.step < s.steps:
+            stats = self.train_step()
+            bar.update(1)
+            if self.step % s.log_every == 0 or self.step == s.steps:
+                stats = e.mean_stats(stats)
+                sps = (self.step - n0) * s.batch_size / (time.perf_counter() - t0)
+                last = {**stats, "samples_per_s": sps}
+                if main:
+                    log.log(self.step, "train", **last)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", sps=f"{sps:.0f}")
+            if self.step % s.eval_every == 0 or self.step == s.steps:
+                ev = self.evaluate()
+                if main:
+                    log.log(self.step, "eval", **ev)
+                    bar.write(f"[{self.name} step {self.step}] " + " ".join(f"{k}={v:.3f}" for k, v in ev.items()))
+            if self.step % s.ckpt_every == 0 or self.step == s.steps:
+                self.save()
+        bar.close()
+        metrics = {**{f"train_{k}": float(v) for k, v in last.items()},
+                   **{f"eval_{k}": float(v) for k, v in ev.items()},
+                   "steps": float(self.step), "wall_s_this_run": time.perf_counter() - t0}
+        with e.full_params():
+            if main:
+                atomic_dir(out / "final", lambda d: self.pipe.save_pretrained(d))
+                ckpt.write_json(out / "metrics.json", metrics)
+        e.barrier()
+        return {"metrics": ckpt.read_json(out / "metrics.json"), "final": str(out / "final")}
