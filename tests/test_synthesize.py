@@ -117,7 +117,10 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
 def test_sigkill_of_a_multi_worker_run_takes_its_workers_down_and_resumes(tmp_path):
-    """Killed while both workers are inside a shard: they must die with the run, not commit behind its back."""
+    """Killed while the workers are inside their shards: they die with the run (PR_SET_PDEATHSIG), nothing is
+    committed once they are gone, and the rerun loses and duplicates nothing: byte-identical to an uninterrupted
+    run. A shard committed *before* the kill is legitimate and kept: on a loaded machine a fast shard can finish
+    between this test's poll and its kill (seen: a commit 85 ms before the SIGKILL)."""
     out = tmp_path / "workers"
     args = [f"synthesize.out={out}", "synthesize.generator=noisy-oracle", "synthesize.n_per_tier=6",
             "synthesize.shard_size=30"]
@@ -130,12 +133,20 @@ def test_sigkill_of_a_multi_worker_run_takes_its_workers_down_and_resumes(tmp_pa
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(workers) >= 2  # the two workers (and the resource tracker of the spawn context)
-    time.sleep(1.5)  # ample time for an orphaned worker to finish and commit its shard
+    deadline = time.monotonic() + 10
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not any(alive(w) for w in workers), "workers outlived the killed run"
-    assert not list((out / "shards").glob("shard-*.jsonl")), "a worker committed after the run was killed"
+    shards = out / "shards"
+    at_death = sorted(shards.glob("shard-*.jsonl"))
+    time.sleep(1.5)  # ample time for an orphaned worker to finish and commit its shard
+    assert sorted(shards.glob("shard-*.jsonl")) == at_death, "a shard was committed after every worker was gone"
     res = synthesize.run(load_config("ci", args), workers=1, log=lambda m: None)
-    assert res["made"] == 60
-    assert [t.id for t in load_trajectories(out)] == [f"t{j:06d}" for j in range(60)]
+    assert res["made"] == 60 - 30 * len(at_death)  # a committed shard is kept, the other one redone
+    assert [t.id for t in load_trajectories(out)] == [f"t{j:06d}" for j in range(60)]  # none lost, none twice
+    ref = tmp_path / "ref"
+    synthesize.run(load_config("ci", [f"synthesize.out={ref}", *args[1:]]), workers=1, log=lambda m: None)
+    assert tree(out) == tree(ref)
 
 
 def test_torn_leftovers_are_redone_and_changed_config_starts_afresh(tmp_path, reference):

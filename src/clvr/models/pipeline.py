@@ -107,7 +107,7 @@ class WorldPipeline(DiffusionPipeline):
         """Texts -> (B, max_text_len, D). Left-padded and truncated from the left: the newest words stay."""
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")
-        return self.text_encoder(input_ids=enc["input_ids"]).last_hidden_state
+        return self.text_encoder(input_ids=enc["input_ids"].to(self.text_encoder.device)).last_hidden_state
 
     def ids(self, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE position ids (T, H, W, L): noisy tokens at t=0, reference tokens at t=REF_T, text along L."""
@@ -121,14 +121,17 @@ class WorldPipeline(DiffusionPipeline):
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, text: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One network evaluation -> (x0 prediction (B, N, F), gate logits (B, N))."""
+        """One network evaluation -> (x0 prediction (B, N, F), gate logits (B, N)), on x_t's device and dtype
+        (the inputs move to the transformer's device and dtype, e.g. a bf16 model on a GPU)."""
         text = cond.text if text is None else text
-        flag = cond.region[..., None].to(x_t.dtype)
-        hidden = torch.cat([torch.cat([x_t, flag], -1), torch.cat([cond.ref, flag], -1)], 1)
+        dev, dt = self.transformer.device, self.transformer.dtype
+        flag = cond.region[..., None].to(x_t)
+        hidden = torch.cat([torch.cat([x_t, flag], -1), torch.cat([cond.ref.to(x_t), flag], -1)], 1)
         img_ids, txt_ids = self.ids(text.shape[1])
-        out = self.transformer(hidden_states=hidden, encoder_hidden_states=text, timestep=sigma,
-                               img_ids=img_ids, txt_ids=txt_ids, return_dict=False)[0][:, : x_t.shape[1]]
-        return cond.ref + out[..., : self.feat], out[..., self.feat]
+        out = self.transformer(hidden_states=hidden.to(dev, dt), encoder_hidden_states=text.to(dev, dt),
+                               timestep=sigma.to(dev, dt), img_ids=img_ids.to(dev), txt_ids=txt_ids.to(dev),
+                               return_dict=False)[0][:, : x_t.shape[1]].to(x_t)
+        return cond.ref.to(x_t) + out[..., : self.feat], out[..., self.feat]
 
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
