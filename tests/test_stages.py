@@ -63,6 +63,35 @@ def test_registry_is_consistent():
                 assert (ROOT / dep).exists(), dep
 
 
+def covered(path: str, deps: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
+
+
+def test_code_deps_cover_every_clvr_module_a_stage_imports():
+    """In a fresh interpreter, import each stage's module: every clvr file it loads must be among the stage's
+    deps (else editing it would leave the stage "up to date")."""
+    for s in STAGES:
+        mod = s.func.partition(":")[0]
+        code = (f"import sys, {mod}\n"
+                "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items())"
+                " if n.split('.')[0] == 'clvr' and getattr(m, '__file__', None)))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loaded = [str(Path(f).resolve().relative_to(ROOT)) for f in r.stdout.split()]
+        assert loaded and all(covered(f, s.deps) for f in loaded), \
+            (s.name, [f for f in loaded if not covered(f, s.deps)])
+
+
+def test_code_deps_follow_lazy_imports_and_leave_out_unrelated_stages():
+    deps = {s.name: s.deps for s in STAGES}
+    # imported inside functions only (the in-training evaluation, the step text): a fresh import misses them
+    assert covered("src/clvr/train/bench.py", deps["pretrain"]) and covered("src/clvr/steps.py", deps["pretrain"])
+    for name in ("pretrain", "distill", "evaluate", "synthesize"):
+        assert covered("src/clvr/steps.py", deps[name]) and covered("src/clvr/io.py", deps[name]), name
+    assert not covered("src/clvr/synthesize.py", deps["pretrain"])  # another stage's code does not rerun it
+    assert "controller" in get_stage("evaluate").params
+
+
 def test_dvc_yaml_uses_params_interpolation():
     stages = yaml.safe_load(dvc_yaml())["stages"]
     assert stages["pretrain"]["outs"] == ["${pretrain.out}/final"]

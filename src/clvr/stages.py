@@ -12,6 +12,7 @@ reads that same file, so what DVC tracks is exactly what runs.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -35,7 +36,85 @@ DVC_YAML_HEADER = "# Generated from src/clvr/stages.py by `clvr pipeline dvc-yam
 PARAMS_HEADER = ("# The resolved config of the last `clvr pipeline run` (written by clvr.stages.write_params).\n"
                  "# DVC tracks its keys and every stage reads it; edit conf/ instead.\n")
 
-_TRAIN_CODE = ("src/clvr/stages.py", "src/clvr/train", "src/clvr/models", "src/clvr/world", "src/clvr/weights")
+PKG = Path(__file__).resolve().parent  # src/clvr
+REPO = PKG.parents[1]
+_CLVR_NAME = re.compile(r"^clvr(?:\.\w+)+(?::\w+)?$")  # a module named in a string, e.g. "clvr.train.pretrain:run"
+
+
+# ---- code deps: the import graph -------------------------------------------------------------------------
+
+def module_path(name: str) -> Path | None:
+    """src/clvr/a/b.py or src/clvr/a/b/__init__.py for module "clvr.a.b"; None when it is not a clvr module."""
+    parts = name.split(".")
+    if parts[0] != "clvr":
+        return None
+    base = PKG.joinpath(*parts[1:])
+    for cand in (base.with_suffix(".py"), base / "__init__.py"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _imported_names(path: Path) -> set[str]:
+    """Every clvr module a file imports, at module level or inside a function (lazy imports included), and
+    every "clvr.x.y[:fn]" string it names (registries that import by name)."""
+    pkg = ".".join(["clvr", *path.relative_to(PKG).with_suffix("").parts])
+    if path.name == "__init__.py":
+        pkg = pkg.rsplit(".", 1)[0]
+        pkg_parts = pkg.split(".")
+    else:
+        pkg_parts = pkg.split(".")[:-1]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*pkg_parts[: len(pkg_parts) - node.level + 1], *([base] if base else [])])
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)  # `from clvr.train import ckpt`
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and _CLVR_NAME.match(node.value)
+              and path != Path(__file__).resolve()):  # this registry names every stage: not an import
+            names.add(node.value.split(":")[0])
+    return {n for n in names if n == "clvr" or n.startswith("clvr.")}
+
+
+def import_closure(*modules: str) -> set[Path]:
+    """The files of `modules` and of every clvr module they import, transitively, with their packages'
+    __init__.py (importing clvr.a.b runs clvr/__init__.py and clvr/a/__init__.py)."""
+    seen: set[Path] = set()
+    todo = list(modules)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            path = module_path(".".join(parts[:i]))
+            if path is not None and path not in seen:
+                seen.add(path)
+                todo.extend(_imported_names(path))
+    return seen
+
+
+def code_deps(*modules: str) -> tuple[str, ...]:
+    """The import closure as repo-relative paths; a package folder whose every module is in it is listed as
+    the folder (a new file there then reruns the stage too, which errs on the safe side)."""
+    files = import_closure("clvr.stages", *modules)
+
+    def whole(d: Path) -> bool:
+        return all(p in files for p in d.glob("*.py")) and all(whole(s) for s in d.iterdir()
+                                                               if s.is_dir() and (s / "__init__.py").is_file())
+
+    out: set[Path] = set()
+    for f in files:
+        d, top = f.parent, None
+        while d != PKG and (d / "__init__.py").is_file() and whole(d):
+            top, d = d, d.parent
+        out.add(top or f)
+    return tuple(sorted(str(p.relative_to(REPO)) for p in out))
+
+
+WEIGHTS = "src/clvr/weights"  # the shipped generators: data, not code (read when no trained base exists)
 
 
 def _keys(schema: type, section: str, but: tuple[str, ...]) -> tuple[str, ...]:
@@ -70,21 +149,20 @@ class Stage:
 
 def _train_stage(name: str, func: str, params: tuple[str, ...], extra_deps: tuple[str, ...] = ()) -> Stage:
     o = f"{{{name}.out}}"
-    return Stage(name=name, func=func, section=name, params=params, deps=(*extra_deps, *_TRAIN_CODE),
+    return Stage(name=name, func=func, section=name, params=params,
+                 deps=(*extra_deps, *code_deps(func.partition(":")[0]), WEIGHTS),
                  outs=(f"{o}/final",), metrics=(f"{o}/metrics.json",),
                  plots=((f"{o}/curve.json", {"x": "step", "y": "loss", "title": f"{name}: training loss"}),),
                  resumable=True, generator=True)
 
 
 STAGES: list[Stage] = [
-    _train_stage("pretrain", "clvr.train.pretrain:run", ("seed", "world", "generator", "sample", "pretrain")),
-    _train_stage("distill", "clvr.train.distill:run", ("seed", "world", "generator", "sample", "pretrain", "distill"),
+    _train_stage("pretrain", "clvr.train.pretrain:run", ("seed", "world", "generator", "sample", "engine", "pretrain")),
+    _train_stage("distill", "clvr.train.distill:run", ("seed", "world", "generator", "sample", "engine", "distill"),
                  extra_deps=("{pretrain.out}/final",)),
     Stage(name="evaluate", func="clvr.evaluate:run", section="eval",
-          params=("seed", "world", "sample", "loop", "eval"),
-          deps=("{pretrain.out}/final", "{distill.out}/final", "src/clvr/stages.py", "src/clvr/evaluate.py",
-                "src/clvr/probe.py", "src/clvr/judge.py", "src/clvr/generator.py", "src/clvr/loop", "src/clvr/models",
-                "src/clvr/world"),
+          params=("seed", "world", "sample", "loop", "controller", "eval"),
+          deps=("{pretrain.out}/final", "{distill.out}/final", *code_deps("clvr.evaluate"), WEIGHTS),
           outs=("{eval.out}/prompts.jsonl", "{eval.out}/samples.png"),
           metrics=("{eval.out}/metrics.json",),
           plots=(("{eval.out}/geneval.json", {"template": "bar_horizontal", "x": "accuracy", "y": "group",
@@ -94,9 +172,7 @@ STAGES: list[Stage] = [
           datasets=("{eval.out}/prompts.jsonl",)),
     Stage(name="synthesize", func="clvr.synthesize:run", section="synthesize",
           params=("world", "loop", "controller", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
-          deps=("{pretrain.out}/final", "src/clvr/stages.py", "src/clvr/synthesize.py", "src/clvr/trajectories.py",
-                "src/clvr/judge.py", "src/clvr/generator.py", "src/clvr/vlm.py", "src/clvr/loop", "src/clvr/models",
-                "src/clvr/world", "src/clvr/weights"),
+          deps=("{pretrain.out}/final", *code_deps("clvr.synthesize"), WEIGHTS),
           outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
           metrics=("{synthesize.out}/metrics.json",),
           datasets=("{synthesize.out}/trajectories.jsonl",)),
