@@ -1,4 +1,4 @@
-"""`clvr world ...`: parse and sample prompts, render ground-truth suites, benchmark the verifier."""
+"""`clvr world ...`: parse and sample prompts, render ground-truth suites, benchmark the verifier and training."""
 
 from __future__ import annotations
 
@@ -81,3 +81,18 @@ def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: 
     cfg = load_config(profile)
     tier_figure(out, seed, cfg.world.grid, cfg.world.cell)
     typer.echo(json.dumps({"figure": str(out)}))
+
+
+@world_app.command("bench-train")
+def bench_train_cmd(overrides: list[str] = typer.Argument(None, help="key=value config overrides"),
+                    steps: int = typer.Option(30, "--steps", min=1, help="timed steps per measurement"),
+                    warmup: int = typer.Option(3, "--warmup", min=0, help="untimed steps first"),
+                    repeats: int = typer.Option(2, "--repeats", min=1, help="plain and 1-process runs (best)"),
+                    profile: str = ProfileOpt) -> None:
+    """Training samples/s: the plain AdamW loop vs the engine with 1 and 2 processes (same global batch,
+    pretrain section), peak RSS, and the 1- vs 2-process parameter difference. Last line: JSON."""
+    from clvr.config import load_config
+    from clvr.train.bench_train import run_bench
+
+    load_config(profile, overrides)  # a bad key or value fails here, before any run
+    typer.echo(json.dumps(run_bench(profile, overrides or [], steps, warmup, repeats)))
