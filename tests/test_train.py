@@ -237,3 +237,11 @@ def test_ranks_draw_disjoint_slices_of_one_seeded_global_batch(tmp_path):
     assert whole.texts == halves[0].texts + halves[1].texts
     assert np.array_equal(whole.x0, np.concatenate([h.x0 for h in halves]))
     assert loop.draw_rows(cfg.pretrain, src, 4, 8, 0, 8, 0.1).batch.texts != whole.texts  # another step, other samples
+
+
+def test_zero3_on_two_ranks_gathers_a_whole_final_folder(tmp_path, one_rank):
+    """ZeRO-3 shards the parameters themselves; final/ is still the whole diffusers model, gathered."""
+    out = tmp_path / "pre"
+    run_ok(pretrain_cmd(out, 2, "engine.zero_stage=3"))
+    assert max_diff(weights(out / "final"), one_rank) <= TOL
+    assert len(list((out / "checkpoints" / "step-000004" / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2

@@ -103,10 +103,22 @@ class Trainer:
         return {"loss": loss.item(), **stats, "grad_norm": gn, "lr": lr}
 
     def evaluate(self) -> dict[str, float]:
-        """Rank 0 evaluates the whole model (gathered under ZeRO-3); the others wait."""
-        with self.engine.full_params():
-            ev = self.evaluate_fn(self.pipe) if self.engine.is_main else {}
-        self.engine.barrier()
+        """Rank 0 evaluates the whole model; the others wait. Under ZeRO-3 the live modules run collectives in
+        every forward, so rank 0 evaluates a plain copy: the gathered weights saved to a temporary folder."""
+        e = self.engine
+        if e.ecfg.zero_stage < 3:
+            ev = self.evaluate_fn(self.pipe) if e.is_main else {}
+        else:
+            import tempfile
+
+            from clvr.models.backend import load_pipeline
+
+            with tempfile.TemporaryDirectory(prefix="clvr-eval-") as d:
+                with e.full_params():
+                    if e.is_main:
+                        self.pipe.save_pretrained(d)
+                ev = self.evaluate_fn(load_pipeline(d)) if e.is_main else {}
+        e.barrier()
         return ev
 
     def save(self) -> None:
