@@ -93,6 +93,8 @@ def measure(mode: str, cfg: Config, steps: int, warmup: int, params_out: str | N
         tr.train_step()
     dt = time.perf_counter() - t0
     res = {"samples_per_s": steps * cfg.pretrain.batch_size / dt, "peak_rss_mb": _peak_rss_mb(), "rank": rank}
+    if torch.cuda.is_available():
+        res["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if mode == "engine":
         res["world"] = tr.engine.world
         rss = tr.engine.all_sum(torch.tensor([res["peak_rss_mb"]], dtype=torch.float64))
