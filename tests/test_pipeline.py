@@ -174,7 +174,7 @@ def test_every_checkpoint_is_an_artifact(run1, mlflow_client):
     assert {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints")} == {
         "checkpoints/step-000002", "checkpoints/step-000004"}
     files = {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints/step-000002")}
-    assert {"checkpoints/step-000002/optimizer.safetensors", "checkpoints/step-000002/model"} <= files
+    assert {"checkpoints/step-000002/state.json", "checkpoints/step-000002/model", "checkpoints/step-000002/ds"} <= files
 
 
 def test_eval_suite_is_a_dataset_with_its_dvc_digest(run1, mlflow_client):

@@ -4,7 +4,8 @@ Each measurement runs in its own process (its peak RSS is its own): `plain` is t
 before the engine (a torch AdamW step on the pretrain loss, one RNG drawing the whole batch); `engine` is
 `clvr.train.pretrain` on the DeepSpeed engine, once as one process and once as 2 ranks under torchrun at the
 same global batch. All start from the same weights; after the same steps the 1- and 2-process parameters
-are compared. Timing starts after `warmup` steps. Last line: one JSON object.
+are compared. The engine-vs-plain ratio comes from a `paired` process that times both in alternating chunks,
+so a shared machine's changing load hits both alike. Timing starts after `warmup` steps. Last line: JSON.
 """
 
 from __future__ import annotations
@@ -76,8 +77,30 @@ class PlainLoop:
         return loss.item()
 
 
+def measure_paired(cfg: Config, steps: int, warmup: int, chunk: int = 5) -> dict:
+    """The plain loop and the 1-process engine in one process, timed in alternating chunks of `chunk` steps:
+    on a shared machine whose load changes from second to second, both see the same load."""
+    from clvr.train.pretrain import trainer
+
+    torch.set_num_threads(cfg.pretrain.threads)
+    runs = {"plain": PlainLoop(cfg), "engine_1": trainer(cfg, out=None)}
+    for tr in runs.values():
+        for _ in range(warmup):
+            tr.train_step()
+    spent = dict.fromkeys(runs, 0.0)
+    for i in range(0, steps, chunk):
+        for name, tr in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(min(chunk, steps - i)):
+                tr.train_step()
+            spent[name] += time.perf_counter() - t0
+    return {"rank": 0, **{name: steps * cfg.pretrain.batch_size / t for name, t in spent.items()}}
+
+
 def measure(mode: str, cfg: Config, steps: int, warmup: int, params_out: str | None) -> dict:
     """Run `warmup` + `steps` steps of one mode in this process; samples/s over the timed steps."""
+    if mode == "paired":
+        return measure_paired(cfg, steps, warmup)
     torch.set_num_threads(cfg.pretrain.threads)
     if mode == "plain":
         tr, rank = PlainLoop(cfg), 0
@@ -130,8 +153,9 @@ def run_bench(profile: str, overrides: list[str], steps: int, warmup: int, repea
     with tempfile.TemporaryDirectory(prefix="clvr-bench-train-") as d:
         tmp = Path(d)
         p1, p2 = str(tmp / "one.safetensors"), str(tmp / "two.safetensors")
-        plain, one = [], []
-        for _ in range(repeats):  # interleaved, best of each: a shared machine's load hits both alike
+        plain, one, paired = [], [], []
+        for _ in range(repeats):  # best of each
+            paired.append(_child("paired", 1, profile, overrides, steps, warmup, None, tmp))
             plain.append(_child("plain", 1, profile, overrides, steps, warmup, None, tmp))
             one.append(_child("engine", 1, profile, overrides, steps, warmup, p1, tmp))
         two = _child("engine", 2, profile, overrides, steps, warmup, p2, tmp)
@@ -140,12 +164,15 @@ def run_bench(profile: str, overrides: list[str], steps: int, warmup: int, repea
         scale = max(float(v.abs().max()) for v in a.values())
     sps = {"plain": max(r["samples_per_s"] for r in plain), "engine_1": max(r["samples_per_s"] for r in one),
            "engine_2": two["samples_per_s"]}
-    ratio = sps["engine_1"] / sps["plain"]
+    pair = {k: max(r[k] for r in paired) for k in ("plain", "engine_1")}
+    ratio = pair["engine_1"] / pair["plain"]
     return {
         "profile": profile, "global_batch": cfg.pretrain.batch_size, "steps_timed": steps, "warmup": warmup,
         "params": sum(v.numel() for v in a.values()),
-        "samples_per_s": {k: round(v, 1) for k, v in sps.items()},
-        "engine_1_vs_plain": round(ratio, 3),
+        "samples_per_s": {k: round(v, 1) for k, v in sps.items()},  # each in its own process
+        "samples_per_s_paired": {k: round(v, 1) for k, v in pair.items()},  # one process, alternating chunks
+        "engine_1_vs_plain": round(ratio, 3),  # from the paired run: the same load on both
+        "engine_1_vs_plain_separate": round(sps["engine_1"] / sps["plain"], 3),
         "engine_2_vs_engine_1": round(sps["engine_2"] / sps["engine_1"], 3),
         "peak_rss_mb": {"plain": round(max(r["peak_rss_mb"] for r in plain), 1),
                         "engine_1": round(max(r["peak_rss_mb"] for r in one), 1),
@@ -158,7 +185,7 @@ def run_bench(profile: str, overrides: list[str], steps: int, warmup: int, repea
 def main(argv: list[str] | None = None) -> None:
     """One measurement (a child of run_bench, or a rank under torchrun); rank 0 writes --result."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("plain", "engine"), required=True)
+    ap.add_argument("--mode", choices=("plain", "engine", "paired"), required=True)
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--warmup", type=int, required=True)
     ap.add_argument("--profile", required=True)

@@ -90,6 +90,8 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
         return quick_eval(pipe, d.eval_trials, d.nfe, 1.0, EVAL_TIERS)
 
     tr = Trainer("distill", cfg, d, build, DistillLoss(cfg, teacher, sigmas), evaluate, out, text_dropout=0.0)
+    if tr.engine.device.name != "cpu":  # the frozen teacher (fp32) sits beside the student on this rank's GPU
+        teacher.to(tr.engine.ds.device)
     tr.teacher = teacher
     return tr
 

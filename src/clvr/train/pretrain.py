@@ -37,10 +37,12 @@ def build_pipeline(cfg: Config, init: str = "") -> WorldPipeline:
 
 
 def noise(rows: Rows, shape: tuple[int, int], t_of: callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample (t, eps) from each sample's own RNG: t_of(rng) -> float, eps ~ N(0, 1) of `shape`."""
+    """Per-sample (t, eps), both from each sample's own RNG: t_of(rng) -> float; eps ~ N(0, 1) of `shape`
+    from a torch generator seeded by that RNG (torch draws normals ~2.5x faster than numpy)."""
     t = np.array([t_of(r) for r in rows.rngs], np.float32)
-    eps = np.stack([r.standard_normal(shape, dtype=np.float32) for r in rows.rngs])
-    return torch.from_numpy(t), torch.from_numpy(eps)
+    seeds = [int(r.integers(2**62)) for r in rows.rngs]
+    eps = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return torch.from_numpy(t), eps
 
 
 def logit_normal_t(rng: np.random.Generator) -> float:
