@@ -1,7 +1,7 @@
 """Scheduled retraining on real parts, in a copy of this project (see test_pipeline.copy_project):
 
 - `clvr pipeline serve` starts its own Prefect server (with the scheduler service) on a free port, serves the
-  retrain deployment on a 15 s interval schedule, and a run the scheduler created fires and completes. The
+  retrain deployment on a 5 s interval schedule, and a run the scheduler created fires and completes. The
   deployment is served with `--dry-run` (the flow checks the project and config and takes the pipeline lock,
   then returns without running a stage), so this costs seconds, not a pipeline run. Ctrl-C (SIGINT to the
   process group, as a terminal sends it) stops runner and server: exit 0, no traceback.
@@ -62,13 +62,14 @@ def wait_for(pred, proc: subprocess.Popen, log: Path, timeout: float):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """`clvr pipeline serve --interval 15 --dry-run` in a copy of the project; stopped with Ctrl-C at the end."""
+    """`clvr pipeline serve --interval 5 --dry-run` in a copy of the project; stopped with Ctrl-C at the end."""
     root = copy_project(tmp_path_factory.mktemp("project"))
     shutil.copytree(ROOT / "infra", root / "infra")  # for deploy_infra (copy_project takes the pipeline's files)
     port = free_port()
     log = root.parent / "serve.log"
-    env = clean_env(PREFECT_RUNNER_POLL_FREQUENCY="2")
-    cmd = [sys.executable, "-m", "clvr", "pipeline", "serve", "--interval", "15", "--profile", "ci", "--dry-run",
+    env = clean_env(PREFECT_RUNNER_POLL_FREQUENCY="2",  # the runner's poll and the server's look at new deployments
+                    PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS="1")
+    cmd = [sys.executable, "-m", "clvr", "pipeline", "serve", "--interval", "5", "--profile", "ci", "--dry-run",
            "--port", str(port), "--name", DEPLOYMENT]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -85,36 +86,16 @@ def served(tmp_path_factory):
                 proc.wait()
 
 
-def test_schedule_fires_and_ctrl_c_stops_cleanly(served):
-    from flows.serve import healthy
-
-    root, proc, log, api = served
-    done = wait_for(lambda: [r for r in flow_runs(api) if r.state and r.state.is_completed()] if healthy(api)
-                    else None, proc, log, timeout=150)
-    run = done[0]
-    assert run.auto_scheduled  # created by the server's scheduler, not by this test
-    assert run.parameters["dry_run"] is True and run.parameters["profile"] == "ci"
-    assert run.parameters["root"] == str(root)
-    text = log.read_text()
-    assert f"Prefect server: UI http://127.0.0.1:{api.split(':')[2].split('/')[0]}" in text
-    assert (root / "runs" / "prefect" / "prefect.db").is_file()  # the server's database is project-local
-
-    deploy_infra(root, api)
-
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
-    rc = proc.wait(90)
-    text = log.read_text()
-    assert rc == 0, text[-3000:]
-    assert "Traceback" not in text and "stopped" in text.splitlines()[-1], text[-3000:]
-    assert f"Flow run '{run.name}' - Finished in state Completed()" in text  # its log, streamed by the runner
-    assert not healthy(api)  # the managed server is gone
-
-
-def deploy_infra(root: Path, api: str) -> None:
+def test_infra_prefect_yaml_deploys(served):
     """infra/prefect.yaml deployed the way its header says (both work pools, `prefect deploy --all`), against
     the served server: Prefect's loader resolves each entrypoint and checks the parameters against the flow."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import healthy
+
+    root, proc, log, api = served
+    wait_for(lambda: healthy(api), proc, log, timeout=150)
 
     env = clean_env(PREFECT_API_URL=api, CLVR_ROOT=str(root), CLVR_GIT_URL="https://git.example/clvr.git")
     prefect = [sys.executable, "-m", "prefect", "--no-prompt"]
@@ -138,6 +119,29 @@ def deploy_infra(root: Path, api: str) -> None:
     # The served deployment's overlap policy: one run at a time, a run that comes due meanwhile is cancelled.
     assert served_d.global_concurrency_limit.limit == 1
     assert served_d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+
+
+def test_schedule_fires_and_ctrl_c_stops_cleanly(served):
+    from flows.serve import healthy
+
+    root, proc, log, api = served
+    done = wait_for(lambda: [r for r in flow_runs(api) if r.state and r.state.is_completed()] if healthy(api)
+                    else None, proc, log, timeout=150)
+    run = done[0]
+    assert run.auto_scheduled  # created by the server's scheduler, not by this test
+    assert run.parameters["dry_run"] is True and run.parameters["profile"] == "ci"
+    assert run.parameters["root"] == str(root)
+    text = log.read_text()
+    assert f"Prefect server: UI http://127.0.0.1:{api.split(':')[2].split('/')[0]}" in text
+    assert (root / "runs" / "prefect" / "prefect.db").is_file()  # the server's database is project-local
+
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground process group
+    rc = proc.wait(90)
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text and "stopped" in text.splitlines()[-1], text[-3000:]
+    assert f"Flow run '{run.name}' - Finished in state Completed()" in text  # its log, streamed by the runner
+    assert not healthy(api)  # the managed server is gone
 
 
 def hold_lock(root: Path, body: str = "time.sleep(600)") -> subprocess.Popen:

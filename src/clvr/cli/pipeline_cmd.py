@@ -120,7 +120,8 @@ def dvc_yaml_cmd(check: bool = typer.Option(False, "--check", help="only check t
 @pipeline_app.command("serve")
 def serve(cron: Optional[str] = typer.Option(None, "--cron", help="cron schedule, UTC (default: \"0 3 * * 0\", "
                                              "Sundays 03:00)"),
-          interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs, instead of --cron"),
+          interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs (the first one that long after serving), "
+                                                 "instead of --cron"),
           profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
           name: str = typer.Option("retrain-local", "--name", help="deployment name"),
           port: int = typer.Option(4200, "--port", help="port of the Prefect server started here (127.0.0.1) "
