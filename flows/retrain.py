@@ -26,6 +26,7 @@ from clvr.config import Config, flat_params, load_config  # noqa: E402
 from clvr.errors import ClvrError  # noqa: E402
 from clvr.stages import PARAMS_FILE, STAGES, dvc_yaml, get_stage, write_params  # noqa: E402
 from tasks import dvc, tracking  # noqa: E402
+from tasks.lock import pipeline_lock  # noqa: E402
 from tasks.pipeline import finish_task, register_task, stage_task  # noqa: E402
 
 
@@ -59,16 +60,25 @@ def flow_run_id() -> str:
 
 @flow(name="retrain")
 def retrain(profile: str = "cpu", overrides: list[str] | None = None, root: str = ".",
-            stages: list[str] | None = None) -> dict:
-    """Run the pipeline for a config profile. `stages` limits it to some registry stages (in registry order)."""
+            stages: list[str] | None = None, dry_run: bool = False) -> dict:
+    """Run the pipeline for a config profile. `stages` limits it to some registry stages (in registry order).
+    One run at a time per project (tasks/lock.py). `dry_run` checks the project and the config and takes the
+    lock, then returns the stages it would run without running them (to try a schedule cheaply)."""
     root_p = Path(root).resolve()
     check_project(root_p)
     with conf_of(root_p):
         cfg: Config = load_config(profile, overrides)
     wanted = {get_stage(s).name for s in stages} if stages else None
     selected = [s for s in STAGES if wanted is None or s.name in wanted]
-    write_params(root_p, cfg)
+    with pipeline_lock(root_p, {"prefect_flow_run": flow_run_id(), "profile": profile}):
+        if dry_run:
+            return {"profile": profile, "root": str(root_p), "dry_run": True, "flow_run_id": flow_run_id(),
+                    "stages": [s.name for s in selected]}
+        return _run(root_p, cfg, profile, overrides, selected)
 
+
+def _run(root_p: Path, cfg: Config, profile: str, overrides: list[str] | None, selected: list) -> dict:
+    write_params(root_p, cfg)
     client = tracking.make_client(root_p)
     exp = tracking.experiment_id(client, cfg.pipeline.experiment, root_p)
     parent = tracking.start_run(client, exp, f"{profile}-{dt.datetime.now():%Y%m%d-%H%M%S}", {
@@ -92,7 +102,7 @@ def retrain(profile: str = "cpu", overrides: list[str] | None = None, root: str 
                                            "git.run_commit": fin["commit"] or "",
                                            **({"champion": registry["champion"]} if registry else {})})
     except BaseException as e:
-        tracking.end_run(client, parent, False, f"{type(e).__name__}: {e}")
+        tracking.end_run(client, parent, False, f"{type(e).__name__}: {e}".removesuffix(": "))  # a signal: no text
         raise
     tracking.end_run(client, parent, True)
     return {"profile": profile, "root": str(root_p), "mlflow_run_id": parent, "experiment_id": exp,
@@ -100,10 +110,21 @@ def retrain(profile: str = "cpu", overrides: list[str] | None = None, root: str 
             "registry": registry, **fin}
 
 
-def local_deployment(cron: str, profile: str, root: str, name: str = "retrain-local"):
-    """The retrain flow as a cron deployment served from this machine (`clvr pipeline serve`)."""
-    return retrain.to_deployment(name=name, cron=cron, parameters={"profile": profile, "root": root},
-                                 description=f"clvr pipeline, profile {profile}, in {root}")
+def local_deployment(profile: str, root: str, name: str = "retrain-local", cron: str | None = None,
+                     interval: float | None = None, overrides: list[str] | None = None, dry_run: bool = False):
+    """The retrain flow as a scheduled deployment served from this machine (`clvr pipeline serve`).
+
+    Overlap: at most one run of the deployment at a time (`concurrency_limit` 1, CANCEL_NEW: a run that comes
+    due while another is running is cancelled, not queued, so a long run never builds a backlog). A run
+    started any other way is kept apart by the project's pipeline lock (tasks/lock.py)."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    params = {"profile": profile, "root": root, "overrides": list(overrides or []), "dry_run": dry_run}
+    what = f"profile {profile}" + (f", {' '.join(overrides)}" if overrides else "") + (", dry run" if dry_run else "")
+    return retrain.to_deployment(
+        name=name, cron=cron, interval=interval, parameters=params, paused=False,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
+        description=f"clvr pipeline ({what}) in {root}")
 
 
 if __name__ == "__main__":

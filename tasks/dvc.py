@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Callable
 import yaml
 
 from clvr.errors import ClvrError
+from tasks.lock import held_fd
 
 
 class StageFailed(RuntimeError):
@@ -56,24 +58,47 @@ def stream(cmd: list[str], root: Path, log_path: Path, on_line: Callable[[str], 
     """Run a long command, teeing its output (tqdm's \\r-updates included) to `log_path` and `on_line`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     text = []
+    # Its own process group, so that an interrupted flow (Ctrl-C, SIGTERM from Prefect's runner) can stop the
+    # whole tree (dvc and the stage process it starts) instead of leaving it running without a parent. It
+    # inherits the pipeline lock, if this process holds it (tasks/lock.py).
+    lock_fd = held_fd(root)
     with open(log_path, "ab") as log, subprocess.Popen(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT) as p:
-        buf = b""
-        while chunk := p.stdout.read1(4096):
-            log.write(chunk)
-            log.flush()
-            buf += chunk
-            *lines, buf = re.split(rb"[\r\n]", buf)
-            for line in lines:
-                s = line.decode(errors="replace").strip()
-                if s:
-                    text.append(s)
-                    if on_line:
-                        on_line(s)
-        rc = p.wait()
+                                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                                      pass_fds=() if lock_fd is None else (lock_fd,)) as p:
+        try:
+            buf = b""
+            while chunk := p.stdout.read1(4096):
+                log.write(chunk)
+                log.flush()
+                buf += chunk
+                *lines, buf = re.split(rb"[\r\n]", buf)
+                for line in lines:
+                    s = line.decode(errors="replace").strip()
+                    if s:
+                        text.append(s)
+                        if on_line:
+                            on_line(s)
+            rc = p.wait()
+        except BaseException:
+            stop_group(p)
+            raise
     if buf.strip():
         text.append(buf.decode(errors="replace").strip())
     return rc, "\n".join(text)
+
+
+def stop_group(p: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group of `p` (started with start_new_session), SIGKILL it after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def repro(root: Path, stage: str, log_path: Path, on_line: Callable[[str], None] | None = None) -> str:

@@ -60,8 +60,8 @@ def stage_task(name: str, root: str, parent_run_id: str, experiment_id: str) -> 
         if watcher:
             watcher.stop()
         client.log_artifact(run_id, str(log_path), "logs")
-        tracking.end_run(client, run_id, False, str(e))
-        report("done", name, "failed", str(e).splitlines()[0][:80])
+        tracking.end_run(client, run_id, False, str(e) or type(e).__name__)
+        report("done", name, "failed", (str(e).splitlines() or [type(e).__name__])[0][:80])  # a signal: no text
         raise
     logged = watcher.stop() if watcher else []
     seconds = time.perf_counter() - t0

@@ -62,6 +62,9 @@ def run(profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
     names = [get_stage(s).name for s in stages] if stages else stage_names()
     retrain = _flows(root)
     from tasks import progress
+    from tasks.lock import check_free
+
+    check_free(root)  # a run in progress (scheduled or manual): say so in one line, before the flow starts
 
     from tasks.dvc import StageFailed
 
@@ -115,28 +118,54 @@ def dvc_yaml_cmd(check: bool = typer.Option(False, "--check", help="only check t
 
 
 @pipeline_app.command("serve")
-def serve(cron: str = typer.Option("0 3 * * 0", "--cron", help="cron schedule (default: Sundays 03:00)"),
-          profile: str = ProfileOpt,
-          name: str = typer.Option("retrain-local", "--name", help="deployment name")) -> None:
-    """Serve the retrain flow from this machine as a cron deployment (blocks; Ctrl-C stops it)."""
+def serve(cron: Optional[str] = typer.Option(None, "--cron", help="cron schedule, UTC (default: \"0 3 * * 0\", "
+                                             "Sundays 03:00)"),
+          interval: Optional[float] = typer.Option(None, "--interval", help="seconds between runs (the first one that long after serving), "
+                                                 "instead of --cron"),
+          profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
+          name: str = typer.Option("retrain-local", "--name", help="deployment name"),
+          port: int = typer.Option(4200, "--port", help="port of the Prefect server started here (127.0.0.1) "
+                                   "when PREFECT_API_URL is not set"),
+          dry_run: bool = typer.Option(False, "--dry-run", help="scheduled runs check the project and config and "
+                                       "take the pipeline lock, but run no stage (to try a schedule)")) -> None:
+    """Serve the retrain flow as a scheduled deployment from this machine (blocks; Ctrl-C or SIGTERM stops it).
+    Starts a Prefect server with its scheduler (database in runs/prefect/) unless PREFECT_API_URL names one."""
     from clvr.config import load_config
 
     root = project_root()
     os.environ["CLVR_CONF_DIR"] = str(root / "conf")
-    load_config(profile)
-    check_cron(cron)
-    from prefect import serve as prefect_serve
+    load_config(profile, overrides)  # a bad profile or key fails here, before anything starts
+    if cron is not None and interval is not None:
+        raise ClvrError("give --cron or --interval, not both")
+    if interval is not None and not interval > 0:
+        raise ClvrError(f"--interval must be > 0 seconds, got {interval}")
+    if cron is None and interval is None:
+        cron = "0 3 * * 0"
+    if cron is not None:
+        check_cron(cron)
+    if not 0 < port < 65536:
+        raise ClvrError(f"--port must be in 1..65535, got {port}")
+    os.chdir(root)  # the deployment's entrypoint (flows/retrain.py) is relative to the project root
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in [str(root / "src"), str(root),
+                                                           os.environ.get("PYTHONPATH", "")] if p)
+    retrain = _flows(root)
+    from flows.serve import serve as serve_deployment
 
-    prefect_serve(_flows(root).local_deployment(cron, profile, str(root), name))
+    deployment = retrain.local_deployment(profile, str(root), name, cron=cron, interval=interval,
+                                          overrides=list(overrides or []), dry_run=dry_run)
+    when = f"cron '{cron}' (UTC)" if cron else f"every {interval:g} s"
+    serve_deployment(root, deployment, when, port, log=typer.echo)
 
 
 def check_cron(cron: str) -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
+    from pydantic import ValidationError
+
     try:
         CronSchedule(cron=cron)
-    except Exception as e:
-        raise ClvrError(f"bad cron schedule '{cron}': {str(e).strip().splitlines()[-1]}") from None
+    except ValidationError as e:
+        raise ClvrError(f"bad cron schedule '{cron}': {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 @app.command("stage")
