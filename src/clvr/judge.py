@@ -281,9 +281,10 @@ def _folder_metadata(d: Path) -> dict:
 
 
 def score_folder(root: str | Path, metadata_file: str | Path | None = None, detector=None, grid: int = GRID,
-                 out: str | Path | None = None) -> dict:
+                 out: str | Path | None = None, require_scored: bool = False) -> dict:
     """Judge every sample of a GenEval-layout folder; write results.jsonl; return the summary. The results file
-    is checked before any work: writable, and not one of the files the judge reads."""
+    is checked before any work: writable, and not one of the files the judge reads. `require_scored`: when no
+    image could be scored, raise a ClvrError (with the first reason) instead of writing an empty result."""
     root = Path(root)
     out_path = check_out_file(Path(out) if out else root / "results.jsonl", "results file")
     entries = read_geneval_folder(root, metadata_file)
@@ -300,8 +301,13 @@ def score_folder(root: str | Path, metadata_file: str | Path | None = None, dete
             continue
         for path in samples:
             rows.append({"filename": str(path.relative_to(root)), **base, **_score_one(md, path, detector)})
+    summary = summarize(rows)
+    if require_scored and summary["images"] == 0:
+        first = next((r["reason"] for r in rows if r.get("reason")), "")
+        raise ClvrError(f"no image in {root} could be scored ({summary['missing']} prompt(s) without images, "
+                        f"{summary['error']} unreadable, {summary['unsupported']} unsupported); first: {first}")
     write_jsonl(out_path, rows)
-    return summarize(rows)
+    return summary
 
 
 def _check_not_an_input(out: Path, root: Path, metadata_file: str | Path | None, names: list[str]) -> None:

@@ -32,6 +32,7 @@ def count_noun(n: int, noun: str) -> str:
     """'1 circle', '2 circles', 'no circles' (messages that count objects)."""
     return f"no {plural(noun)}" if n == 0 else f"{n} {noun if n == 1 else plural(noun)}"
 
+
 # GenEval colour names -> RGB. Saturated and far apart so the palette snap and detector are exact.
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
