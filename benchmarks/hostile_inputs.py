@@ -545,7 +545,11 @@ def strategies():
                     "g/results.jsonl", setup, jsonl_done("g/results.jsonl"))
 
     def seed_case(seed: int | str, where: str) -> Case:
-        expect = "ok" if isinstance(seed, int) and 0 <= seed <= MAX_SEED else "error"
+        try:
+            value = int(seed)  # what the CLI's integer option makes of a text: " 8", "+8", "8_000", "٣"
+        except ValueError:
+            value = -1
+        expect = "ok" if 0 <= value <= MAX_SEED else "error"
         if where == "sample":
             return Case("number", "generated seed", ["world", "sample", "--tier", "2", "--n", "1", "--seed", str(seed)],
                         expect, complete=nothing)

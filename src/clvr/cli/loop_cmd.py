@@ -86,7 +86,10 @@ def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", m
     Last line: one JSON object with `single` and `loop`."""
     from clvr.probe import run_probe
 
+    from clvr.io import check_out_dir
+
     cfg = _cfg(profile, overrides, EVAL_USES, "eval probe")
+    check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo)
     typer.echo(f"wrote {Path(res['plot']).parent}/probe.json and {res['plot']}")
     typer.echo(json.dumps(res))
@@ -101,7 +104,10 @@ def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help
     Last line: one JSON object."""
     from clvr.probe import run_geneval_world
 
+    from clvr.io import check_out_dir
+
     cfg = _cfg(profile, overrides, EVAL_USES, "eval geneval-world")
+    check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo)
     typer.echo(json.dumps(res))
 
