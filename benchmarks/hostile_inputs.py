@@ -639,6 +639,7 @@ def main() -> None:
                       "garbage_accepted": total["garbage_accepted"], "data_loss": total["data_loss"],
                       "stray_writes": total["stray_writes"], "incomplete": total["incomplete"],
                       "good_rejected": total["good_rejected"], "weak_messages": total["weak_message"],
+                      "exit_codes": dict(sorted(Counter(str(o.rc) for o in cat + gen_out).items())),
                       "catalogue_s": round(t1 - t0, 1), "generated_s": round(t2 - t1, 1), "by_family": by_family}))
 
 
