@@ -78,8 +78,10 @@ class GeneratorCfg:
         need_all(self, name, "double_layers single_layers", at_least(0), ">= 0")
         need(self.double_layers + self.single_layers >= 1, f"{name}.double_layers + single_layers", ">= 1",
              self.double_layers + self.single_layers)
-        need(self.hidden % self.heads == 0, f"{name}.hidden", f"a multiple of {name}.heads ({self.heads})",
-             self.hidden)
+        need(self.hidden % (8 * self.heads) == 0, f"{name}.hidden",
+             f"a multiple of 8 x {name}.heads ({8 * self.heads}: 4 even RoPE axes per head)", self.hidden)
+        need(self.text_hidden % 4 == 0, f"{name}.text_hidden", "a multiple of 4 (2 heads of even size)",
+             self.text_hidden)
 
 
 @dataclass
