@@ -524,13 +524,15 @@ def run_shards(cfg: Config, model: str, todo: list[int], workers: int, log: Log)
 
 
 OWNER = "synthesize"  # the marker (clvr.io.MARKER) of a folder this stage made
-OWN_NAMES = {FILE, WORK, "images", "metrics.json", "dataset_card.md"}
+STAGE_LOG = "stage.log"  # the pipeline's log of this stage, written into its folder before the stage starts
+OWN_NAMES = {FILE, WORK, "images", "metrics.json", "dataset_card.md", STAGE_LOG}
 
 
 def earlier_output(out: Path) -> bool:
-    """A synthesize folder from before output markers: only the stage's own files, its data or work log among them."""
+    """A synthesize folder without a marker that is still the stage's own: made before markers existed, or holding
+    the pipeline's log of this stage. Only the stage's own files, its data, work or stage log among them."""
     names = {p.name for p in out.iterdir()}
-    return names <= OWN_NAMES and bool(names & {FILE, WORK})
+    return names <= OWN_NAMES and bool(names & {FILE, WORK, STAGE_LOG})
 
 
 def preflight(cfg: Config, workers: int | None = None) -> tuple[str, int]:
