@@ -14,7 +14,7 @@ from clvr.world.parser import parse
 from clvr.world.render import render
 from clvr.world.scene import Obj, Scene
 from clvr.world.solver import solve
-from clvr.world.vocab import COLORS
+from clvr.world.vocab import COLORS, count_noun
 
 GENEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
 
@@ -41,12 +41,12 @@ def test_ground_truth_passes_with_empty_reason():
 
 
 @pytest.mark.parametrize("scene,needle", [
-    (TRUTH.remove((3, 2)), "expected 2 red circle, found 1"),
-    (TRUTH.recolor((3, 0), "blue"), "expected 2 red circle, found 1"),
+    (TRUTH.remove((3, 2)), "expected 2 red circles, found 1"),
+    (TRUTH.recolor((3, 0), "blue"), "expected 2 red circles, found 1"),
     (TRUTH.move((1, 1), (3, 1)), "expected green square above red circle, found"),
     (TRUTH.remove((1, 1)), "expected 1 green square, found 0"),
-    (TRUTH.add(Obj("circle", "red", 2, 3)), "expected fewer than 4 circle, found 4"),
-    (TRUTH.add(Obj("triangle", "yellow", 0, 3)), "expected no yellow triangle, found 1"),
+    (TRUTH.add(Obj("circle", "red", 2, 3)), "expected fewer than 4 circles, found 4"),
+    (TRUTH.add(Obj("triangle", "yellow", 0, 3)), "expected no yellow triangles, found 1"),
 ])
 def test_broken_constraint_is_named(scene, needle):
     ok, reason = verdict(MD, scene)
@@ -89,7 +89,7 @@ def test_ground_truth_scores_and_corruptions_fail_with_a_reason(tier):
             spare = [k for k in COLORS if not any(d["class"] == o.shape and d.get("color") == k for d in md["include"])]
             if spare:
                 ok, reason = verdict(md, truth.recolor(o.cell, spare[0]))
-                assert not ok and f"expected {c['count']} {describe(c)}, found {c['count'] - 1}" in reason
+                assert not ok and f"expected {count_noun(c['count'], describe(c))}, found {c['count'] - 1}" in reason
                 counts["recolor"] += 1
         for i, c in enumerate(md["include"]):  # moved against a relation: the relation is named
             if "position" not in c:

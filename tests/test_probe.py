@@ -68,7 +68,7 @@ def test_geneval_world_with_the_oracle_passes_every_suite(tmp_path):
     res = run_geneval_world(cfg, make_generator("oracle"), n_per_tag=2, out=tmp_path, log=lambda *_: None)
     assert len(res["loop"]["per_tag"]) == 6 and res["loop"]["overall"] == 1.0
     assert res["single"]["calls_mean"] == 1.0 and res["loop"]["calls_mean"] >= 1.0
-    folders = sorted((tmp_path / "geneval-world" / "loop").iterdir())
+    folders = sorted(p for p in (tmp_path / "geneval-world" / "loop").iterdir() if p.is_dir())  # + the .clvr-output marker
     assert len(folders) == 12 and (folders[0] / "samples" / "0000.png").exists()
     md = json.loads((folders[0] / "metadata.jsonl").read_text())
     assert {"prompt", "include", "tag"} <= set(md)

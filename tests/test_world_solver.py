@@ -48,10 +48,10 @@ def test_uncoloured_clause_avoids_excluded_colours():
 
 @pytest.mark.parametrize("md,needle", [
     (parse("sixteen circles and a square"), "17 objects do not fit on the 4x4 grid"),
-    (parse("two circles and no circles"), "asks for 2 circle but also for no circle"),
+    (parse("two circles and no circles"), "asks for 2 circles but also for no circles"),
     (parse("two red circles and no red circles"), "no red circle"),
     (parse("five squares and four circles above the squares and four triangles below the squares"),
-     "4 circle above 5 square; 4 triangle below 5 square"),
+     "4 circles above 5 squares; 4 triangles below 5 squares"),
     ({"include": [{"class": "bench", "count": 1}]}, "class 'bench' is not in the world"),
     ({"include": [{"class": "circle", "count": 1, "color": "pink"}]}, "colour 'pink' is not in the world"),
 ])

@@ -6,6 +6,7 @@ An unknown key or a value of the wrong type raises `ConfigError` naming the key 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,10 +24,41 @@ def need(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
+def need_all(section: object, name: str, keys: str, ok, rule: str) -> None:
+    """`need(ok(value), ...)` for each of the space-separated `keys` of one section."""
+    for key in keys.split():
+        value = getattr(section, key)
+        need(ok(value), f"{name}.{key}", rule, value)
+
+
+def at_least(low: float):
+    """A finite number >= low (NaN and inf fail every rule)."""
+    return lambda v: math.isfinite(v) and v >= low
+
+
+def positive(v: float) -> bool:
+    return math.isfinite(v) and v > 0
+
+
+def fraction(v: float) -> bool:
+    return math.isfinite(v) and 0 <= v <= 1
+
+
+def nonempty(v: str) -> bool:
+    return bool(str(v).strip())
+
+
+MAX_SEED = 2**32 - 1  # numpy and torch both take seeds in 0..2**32-1
+
+
 @dataclass
 class WorldCfg:
     grid: int = 4  # cells per side
     cell: int = 16  # pixels per cell; canvas = grid * cell
+
+    def check(self, name: str) -> None:
+        need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)
+        need(8 <= self.cell <= 128, f"{name}.cell", "in 8..128 pixels", self.cell)
 
 
 @dataclass
@@ -40,6 +72,16 @@ class GeneratorCfg:
     text_hidden: int = 64
     text_layers: int = 2
     max_text_len: int = 16  # tokens; trace + instruction is truncated from the left (the instruction stays)
+
+    def check(self, name: str) -> None:
+        need_all(self, name, "hidden heads text_hidden text_layers max_text_len", at_least(1), ">= 1")
+        need_all(self, name, "double_layers single_layers", at_least(0), ">= 0")
+        need(self.double_layers + self.single_layers >= 1, f"{name}.double_layers + single_layers", ">= 1",
+             self.double_layers + self.single_layers)
+        need(self.hidden % (8 * self.heads) == 0, f"{name}.hidden",
+             f"a multiple of 8 x {name}.heads ({8 * self.heads}: 4 even RoPE axes per head)", self.hidden)
+        need(self.text_hidden % 4 == 0, f"{name}.text_hidden", "a multiple of 4 (2 heads of even size)",
+             self.text_hidden)
 
 
 @dataclass
@@ -74,6 +116,17 @@ class PretrainCfg:
         p = self.op_probs
         need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
              "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
+        w = self.tier_weights
+        need(1 <= len(w) <= 10 and all(at_least(0)(x) for x in w) and sum(w) > 0, f"{name}.tier_weights",
+             "1..10 weights >= 0 (tiers 1..) with a positive sum", list(w))
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need_all(self, name, "steps batch_size max_objects log_every eval_every ckpt_every eval_trials eval_steps "
+                 "threads", at_least(1), ">= 1")
+        need_all(self, name, "warmup prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
+        need_all(self, name, "lr changed_weight", positive, "> 0")
+        need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
+        need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
 
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -163,12 +216,24 @@ class DistillCfg:
              "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
         need(self.nfe >= 1, f"{name}.nfe", ">= 1", self.nfe)
 
+    def check(self, name: str) -> None:
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need_all(self, name, "steps batch_size log_every eval_every eval_trials threads nfe teacher_steps "
+                 "ckpt_every", at_least(1), ">= 1")
+        need_all(self, name, "warmup guidance", at_least(0), ">= 0")
+        need(positive(self.lr), f"{name}.lr", "> 0", self.lr)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
+
 
 @dataclass
 class SampleCfg:
     steps: int = 28
     guidance: float = 2.0
     distilled_steps: int = 4
+
+    def check(self, name: str) -> None:
+        need_all(self, name, "steps distilled_steps", at_least(1), ">= 1")
+        need(at_least(0)(self.guidance), f"{name}.guidance", ">= 0 (<= 1 = no CFG)", self.guidance)
 
 
 @dataclass
@@ -184,6 +249,11 @@ class LoopCfg:
     generator: str = "world"
     model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle
     max_prompt_chars: int = 500  # grammar prompts reach ~200 characters at tier 10
+
+    def check(self, name: str) -> None:
+        need_all(self, name, "max_iters max_nfe max_prompt_chars", at_least(1), ">= 1")
+        need(at_least(0)(self.retries_per_step), f"{name}.retries_per_step", ">= 0", self.retries_per_step)
+        need_all(self, name, "controller verifier generator model", nonempty, "a non-empty name")
 
 
 @dataclass
@@ -203,6 +273,13 @@ class ControllerCfg:
     max_response_bytes: int = 65536  # larger answers are rejected unread
     max_history: int = 16  # earlier steps shown to the model
 
+    def check(self, name: str) -> None:
+        need(self.base_url.startswith(("http://", "https://")), f"{name}.base_url",
+             "an http:// or https:// URL", self.base_url)
+        need(nonempty(self.model), f"{name}.model", "the model the endpoint serves", self.model)
+        need_all(self, name, "timeout_s max_tokens max_response_bytes", positive, "> 0")
+        need_all(self, name, "max_retries backoff_s max_history temperature", at_least(0), ">= 0")
+
 
 @dataclass
 class EvalCfg:
@@ -216,6 +293,13 @@ class EvalCfg:
     speed_batch: int = 64  # prompts per row run together in `clvr eval speed` (throughput); 0 = skip
     probe_n_per_tier: int = 20  # the `evaluate` stage's probe (single step vs loop) on the last generator
 
+    def check(self, name: str) -> None:
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need_all(self, name, "n_per_tier probe_n_per_tier geneval_n speed_n batch_size suite_samples",
+                 at_least(1), ">= 1")
+        need(self.speed_batch >= 0, f"{name}.speed_batch", ">= 0 (0 = no batched columns)", self.speed_batch)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
+
 
 @dataclass
 class MainCfg:
@@ -227,6 +311,14 @@ class MainCfg:
     geneval_n: int = 20  # prompts per GenEval tag
     samples: int = 1  # images per prompt
     seed: int = 0
+
+    def check(self, name: str) -> None:
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need_all(self, name, "n_per_tier geneval_n", at_least(0), ">= 0")
+        need(self.n_per_tier + self.geneval_n >= 1, f"{name}.n_per_tier + geneval_n", ">= 1 (some prompts)",
+             self.n_per_tier + self.geneval_n)
+        need(self.samples >= 1, f"{name}.samples", ">= 1", self.samples)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
 
 
 @dataclass
@@ -250,6 +342,19 @@ class SynthesizeCfg:
     seed: int = 0
     ab_margin: float = 2.0  # A/B tie-break: artefact difference (mean |px|, 0..255) that counts as better
 
+    def check(self, name: str) -> None:
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need(self.steps >= 0, f"{name}.steps", ">= 0 (0 = the model's default)", self.steps)
+        need_all(self, name, "n_per_tier shard_size batch_size workers threads", at_least(1), ">= 1")
+        t = list(self.tiers)
+        need(bool(t) and len(set(t)) == len(t) and all(1 <= x <= 10 for x in t), f"{name}.tiers",
+             "distinct tiers in 1..10", t)
+        need(at_least(0)(self.ab_margin), f"{name}.ab_margin", ">= 0", self.ab_margin)
+        need(not math.isnan(self.guidance), f"{name}.guidance", "a number (< 0 = the model's default)",
+             self.guidance)
+        need(nonempty(self.generator), f"{name}.generator", "a generator registry key", self.generator)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
+
 
 @dataclass
 class PipelineCfg:
@@ -266,6 +371,11 @@ class PipelineCfg:
     reproduce_tol: float = 0.0  # `clvr reproduce`: max |new - old| per metric (0 on CPU: runs are deterministic)
     reproduce_ignore: list[str] = field(default_factory=lambda: ["*wall_s*", "*_eval_s", "*samples_per_s",
                                                                  "*seconds*", "*s_per_prompt*"])
+
+    def check(self, name: str) -> None:
+        need_all(self, name, "experiment register_model champion_metric", nonempty, "a non-empty name")
+        need(self.retries >= 0, f"{name}.retries", ">= 0", self.retries)
+        need_all(self, name, "retry_delay_s reproduce_tol", at_least(0), ">= 0")
 
 
 @dataclass
@@ -320,8 +430,34 @@ def _load_yaml(path: Path) -> DictConfig:
     return data
 
 
-def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Config:
-    """Resolve schema + base.yaml + <profile>.yaml + overrides into a typed, validated `Config`."""
+def _override(item: str) -> DictConfig:
+    """One `key=value` override as a config layer; a value that is not valid YAML is a ConfigError naming it."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    try:
+        return OmegaConf.from_dotlist([item])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
+    except Exception as e:  # yaml scanner/parser/constructor errors: an unclosed list, a tag, a stray newline
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(e)})") from None
+
+
+def check_uses(overrides: list[str] | None, uses: tuple[str, ...], command: str) -> None:
+    """An override of a section the command never reads would be silently ignored: refuse it, naming it and the
+    sections the command does read (`uses`: top-level keys of Config)."""
+    for item in overrides or []:
+        top = item.split("=", 1)[0].strip().split(".", 1)[0]
+        if top in {f.name for f in fields(Config)} and top not in uses:
+            raise ConfigError(f"override {item!r}: `clvr {command}` does not read the '{top}' section "
+                              f"(it reads: {', '.join(uses)})")
+
+
+def load_config(profile: str = "cpu", overrides: list[str] | None = None,
+                uses: tuple[str, ...] | None = None, command: str = "") -> Config:
+    """Resolve schema + base.yaml + <profile>.yaml + overrides into a typed, validated `Config`. With `uses`
+    (the sections a command reads), an override of any other section is a ConfigError (see check_uses)."""
+    if uses is not None:
+        check_uses(overrides, uses, command)
     cfg = OmegaConf.structured(Config)
     d = conf_dir()
     base = d / "base.yaml"
@@ -332,9 +468,7 @@ def load_config(profile: str = "cpu", overrides: list[str] | None = None) -> Con
         raise ConfigError(f"unknown profile '{profile}' (known: {', '.join(profiles())})")
     cfg = _merge(cfg, _load_yaml(prof), str(prof))
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
-        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), f"override '{item}'")
+        cfg = _merge(cfg, _override(item), f"override {item!r}")
     cfg.profile = profile
     return validate(OmegaConf.to_object(cfg))  # type: ignore[arg-type]
 
@@ -350,6 +484,7 @@ def load_config_file(path: str | Path) -> Config:
 def validate(cfg: Config) -> Config:
     """Range-check every section when the config loads, before any work: each section dataclass that has a
     `check(name)` method raises a ConfigError naming `section.key` (see `need`)."""
+    need(0 <= cfg.seed <= MAX_SEED, "seed", f"in 0..{MAX_SEED}", cfg.seed)
     for f in fields(cfg):
         check = getattr(getattr(cfg, f.name), "check", None)
         if callable(check):

@@ -56,10 +56,11 @@ def score(rows: list[dict]) -> dict[str, float]:
 
 
 def run(cfg: Config) -> dict:
+    from clvr.config import validate
     from clvr.loop.run import load_generator
-    from clvr.probe import check_eval_cfg, run_mode
+    from clvr.probe import run_mode
 
-    check_eval_cfg(cfg)
+    validate(cfg)
     out = Path(cfg.eval.out)
     out.mkdir(parents=True, exist_ok=True)
     models = generators_to_evaluate(cfg)

@@ -30,8 +30,8 @@ from typing import Callable, Iterable
 import numpy as np
 
 from clvr.errors import ClvrError
-from clvr.io import atomic_write_text, load_png, save_png
-from clvr.world.vocab import GRID, RELATIONS
+from clvr.io import MARKER, atomic_write_text, check_out_file, load_png, replace_own_dir, save_png
+from clvr.world.vocab import GRID, RELATIONS, count_noun, plural
 
 POSITION_THRESHOLD = 0.1
 CLAUSE_KEYS = {"include": ("class", "count", "color", "position"), "exclude": ("class", "count", "color")}
@@ -84,15 +84,16 @@ def judge(metadata: dict, detections: list) -> tuple[bool, str]:
         found = pool[:n]
         ok = len(found) >= n
         if not ok:
-            reasons.append(f"expected {n} {desc}, found {len(pool)}")
+            reasons.append(f"expected {count_noun(n, desc)}, found {len(pool)}")
         elif "position" in req:
             ok = _check_position(req, found, include, groups, reasons)
         groups.append(found if ok else None)
     for req in metadata.get("exclude", []):
         m = len(select(detections, req))
         if m >= int(req["count"]):
-            limit = "no" if int(req["count"]) == 1 else f"fewer than {req['count']}"
-            reasons.append(f"expected {limit} {describe(req)}, found {m}")
+            what = describe(req)
+            limit = f"no {plural(what)}" if int(req["count"]) == 1 else f"fewer than {count_noun(int(req['count']), what)}"
+            reasons.append(f"expected {limit}, found {m}")
     return not reasons, "; ".join(reasons)
 
 
@@ -153,7 +154,10 @@ def judge_image(metadata: dict, image: np.ndarray, detector: Callable | None = N
 def validate_metadata(md: object, where: str = "metadata") -> dict:
     """Check one GenEval metadata record (every field); raise ClvrError naming the field, else return it."""
     if not isinstance(md, dict):
-        raise ClvrError(f"{where}: expected a JSON object, got {type(md).__name__}")
+        kind = {list: "a JSON array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+                type(None): "null"}.get(type(md), type(md).__name__)
+        raise ClvrError(f"{where}: expected a JSON object {{\"tag\": ..., \"prompt\": ..., \"include\": [...]}}, "
+                        f"got {kind}")
     for key in ("tag", "prompt"):
         if not isinstance(md.get(key), str) or not md[key].strip():
             raise ClvrError(f"{where}: '{key}' must be a non-empty string")
@@ -194,17 +198,26 @@ def _validate_clause(c: object, kind: str, i: int, where: str) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     """Metadata records of a JSONL file, validated; a malformed line raises ClvrError with its line number."""
     path = Path(path)
+    if path.is_dir():
+        raise ClvrError(f"metadata file {path} is a folder; give a JSONL file (one JSON object per line)")
     if not path.is_file():
         raise ClvrError(f"metadata file not found: {path}")
     out = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ClvrError(f"{path}:{lineno}: not UTF-8 text (byte {e.object[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 md = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ClvrError(f"{path}:{lineno}: malformed JSON line: {e.msg} (column {e.colno})") from None
+            except RecursionError:
+                raise ClvrError(f"{path}:{lineno}: JSON nested too deeply") from None
             out.append(validate_metadata(md, f"{path}:{lineno}"))
     if not out:
         raise ClvrError(f"{path}: no metadata lines")
@@ -217,14 +230,27 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 
 # ---- GenEval folder layout: DIR/00000/metadata.jsonl, DIR/00000/samples/0000.png ----------------------
 
-def write_geneval_folder(root: str | Path, metadata: list[dict], images: list[list[np.ndarray]]) -> None:
-    """Write prompts and their samples in GenEval's layout (files written atomically; reruns overwrite)."""
-    root = Path(root)
-    for i, (md, samples) in enumerate(zip(metadata, images, strict=True)):
-        d = root / f"{i:05d}"
-        for k, img in enumerate(samples):
-            save_png(d / "samples" / f"{k:04d}.png", img)
-        atomic_write_text(d / "metadata.jsonl", json.dumps(md) + "\n")
+def is_geneval_layout(root: Path) -> bool:
+    """Only prompt folders (00000, ...) and results.jsonl: a GenEval folder some clvr command wrote."""
+    names = [p.name for p in Path(root).iterdir()]
+    return bool(names) and all((n.isdigit() and (Path(root) / n).is_dir()) or n in ("results.jsonl", MARKER)
+                               for n in names)
+
+
+def write_geneval_folder(root: str | Path, metadata: list[dict], images: list[list[np.ndarray]],
+                         owner: str = "world render-suite", legacy: Callable[[Path], bool] | None = None) -> bool:
+    """Write prompts and their samples in GenEval's layout as one new folder that replaces `root` whole (never
+    mixed with an earlier, larger suite). `root` must be new, empty or made by command `owner` (clvr.io.claim_dir).
+    Returns True when an earlier suite was replaced."""
+
+    def write(tmp: Path) -> None:
+        for i, (md, samples) in enumerate(zip(metadata, images, strict=True)):
+            d = tmp / f"{i:05d}"
+            for k, img in enumerate(samples):
+                save_png(d / "samples" / f"{k:04d}.png", img)
+            atomic_write_text(d / "metadata.jsonl", json.dumps(md) + "\n")
+
+    return replace_own_dir(Path(root), owner, write, legacy)
 
 
 def read_geneval_folder(root: str | Path,
@@ -255,12 +281,17 @@ def _folder_metadata(d: Path) -> dict:
 
 
 def score_folder(root: str | Path, metadata_file: str | Path | None = None, detector=None, grid: int = GRID,
-                 out: str | Path | None = None) -> dict:
-    """Judge every sample of a GenEval-layout folder; write results.jsonl; return the summary."""
+                 out: str | Path | None = None, require_scored: bool = False) -> dict:
+    """Judge every sample of a GenEval-layout folder; write results.jsonl; return the summary. The results file
+    is checked before any work: writable, and not one of the files the judge reads. `require_scored`: when no
+    image could be scored, raise a ClvrError (with the first reason) instead of writing an empty result."""
     root = Path(root)
+    out_path = check_out_file(Path(out) if out else root / "results.jsonl", "results file")
+    entries = read_geneval_folder(root, metadata_file)
+    _check_not_an_input(out_path, root, metadata_file, [name for name, _, _ in entries])
     detector = detector or default_detector(grid)
     rows = []
-    for name, md, samples in read_geneval_folder(root, metadata_file):
+    for name, md, samples in entries:
         base = {"tag": md["tag"], "prompt": md["prompt"], **({"tier": md["tier"]} if "tier" in md else {})}
         why = unsupported(md, detector)
         if why or not samples:
@@ -270,8 +301,24 @@ def score_folder(root: str | Path, metadata_file: str | Path | None = None, dete
             continue
         for path in samples:
             rows.append({"filename": str(path.relative_to(root)), **base, **_score_one(md, path, detector)})
-    write_jsonl(Path(out) if out else root / "results.jsonl", rows)
-    return summarize(rows)
+    summary = summarize(rows)
+    if require_scored and summary["images"] == 0:
+        first = next((r["reason"] for r in rows if r.get("reason")), "")
+        raise ClvrError(f"no image in {root} could be scored ({summary['missing']} prompt(s) without images, "
+                        f"{summary['error']} unreadable, {summary['unsupported']} unsupported); first: {first}")
+    write_jsonl(out_path, rows)
+    return summary
+
+
+def _check_not_an_input(out: Path, root: Path, metadata_file: str | Path | None, names: list[str]) -> None:
+    """The results file must not overwrite what the judge reads: a prompt folder's files or the metadata file."""
+    target = out.resolve()
+    if metadata_file is not None and target == Path(metadata_file).resolve():
+        raise ClvrError(f"results file '{out}' is the metadata file; choose another --out")
+    for name in names:
+        d = (root / name).resolve()
+        if target == d or d in target.parents:
+            raise ClvrError(f"results file '{out}' is inside prompt folder '{root / name}'; choose another --out")
 
 
 def _score_one(md: dict, path: Path, detector) -> dict:

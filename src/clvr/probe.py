@@ -28,26 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from clvr.config import Config
-from clvr.errors import ConfigError
+from clvr.config import Config, validate
 from clvr.generator import Generator
 from clvr.loop.run import build_roles, run_loop, run_many
 from clvr.io import atomic_write_text
-from clvr.judge import judge_image, write_geneval_folder
+from clvr.judge import is_geneval_layout, judge_image, write_geneval_folder
 
 TIERS = tuple(range(1, 11))
 MODES = ("single", "loop")
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-
-
-def check_eval_cfg(cfg: Config) -> None:
-    """The `eval` section's counts, checked before any work (a clear error instead of an empty probe)."""
-    e = cfg.eval
-    for key in ("n_per_tier", "probe_n_per_tier", "geneval_n", "speed_n", "batch_size"):
-        if getattr(e, key) < 1:
-            raise ConfigError(f"eval.{key} must be >= 1, got {getattr(e, key)}")
-    if e.speed_batch < 0:
-        raise ConfigError(f"eval.speed_batch must be >= 0 (0 = no batched columns), got {e.speed_batch}")
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
@@ -161,7 +150,7 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
               out: str | Path | None = None, log=print) -> dict:
     """Single-step vs loop on the same held-out prompts and the same generator. Writes probe.json,
     probe_rows.jsonl and probe.png under `out` (default cfg.eval.out) and returns the summary."""
-    check_eval_cfg(cfg)
+    validate(cfg)
     n = n_per_tier or cfg.eval.n_per_tier
     prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
     capacity = i_eff(generator)  # one backbone, one figure: both modes report it
@@ -235,7 +224,8 @@ def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None =
                         "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
                         "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
         log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
-        write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows])
+        write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows], "eval geneval-world",
+                             is_geneval_layout)
     result["generator"] = getattr(generator, "name", type(generator).__name__)
     result["n_per_tag"] = n
     atomic_write_text(root / "summary.json", json.dumps(result, indent=1))
@@ -271,7 +261,7 @@ def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = Non
     same loops for `eval.speed_batch` prompts in lockstep, seconds per prompt = batch time / batch."""
     import torch
 
-    check_eval_cfg(cfg)
+    validate(cfg)
     n = n or cfg.eval.speed_n
     prompts = probe_prompts(n, cfg.eval.seed + 1, cfg.world.grid, (tier,))
     batched = probe_prompts(cfg.eval.speed_batch, cfg.eval.seed + 2, cfg.world.grid, (tier,))

@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from clvr.config import Config, SynthesizeCfg, to_dict
+from clvr.config import Config, SynthesizeCfg, to_dict, validate
 from clvr.errors import CheckpointError, ClvrError, ConfigError
 from clvr.io import atomic_write_text, load_png
 from clvr.trajectories import FILE, SCHEMA, SCHEMA_VERSION, Trajectory, TrajectoryStep
@@ -95,19 +95,6 @@ def shard_file(out: Path, shard: int) -> Path:
 
 
 # ---- config, model, fingerprint --------------------------------------------------------------------------------
-
-def check_cfg(cfg: Config) -> None:
-    s = cfg.synthesize
-    if s.steps < 0:
-        raise ConfigError(f"synthesize.steps must be >= 0 (0 = the model's default), got {s.steps}")
-    for key in ("n_per_tier", "shard_size", "batch_size", "workers", "threads"):
-        if getattr(s, key) < 1:
-            raise ConfigError(f"synthesize.{key} must be >= 1, got {getattr(s, key)}")
-    if not s.tiers or len(set(s.tiers)) != len(s.tiers) or not all(1 <= t <= 10 for t in s.tiers):
-        raise ConfigError(f"synthesize.tiers must be distinct tiers in 1..10, got {list(s.tiers)}")
-    if s.ab_margin < 0:
-        raise ConfigError(f"synthesize.ab_margin must be >= 0, got {s.ab_margin}")
-
 
 def resolve_model(cfg: Config) -> str:
     """The generator model: `synthesize.model`, or "" = the pipeline's base `<pretrain.out>/final` if it exists,
@@ -536,21 +523,45 @@ def run_shards(cfg: Config, model: str, todo: list[int], workers: int, log: Log)
             report(*res)
 
 
-def run(cfg: Config, workers: int | None = None, log: Log = _stderr) -> dict:
-    """The stage: {"metrics": flat floats, "final": path of trajectories.jsonl, "made": trajectories generated
-    by this call (not resumed)}."""
-    check_cfg(cfg)
-    s = cfg.synthesize
-    workers = workers or s.workers
+OWNER = "synthesize"  # the marker (clvr.io.MARKER) of a folder this stage made
+STAGE_LOG = "stage.log"  # the pipeline's log of this stage, written into its folder before the stage starts
+OWN_NAMES = {FILE, WORK, "images", "metrics.json", "dataset_card.md", STAGE_LOG}
+
+
+def earlier_output(out: Path) -> bool:
+    """A synthesize folder without a marker that is still the stage's own: made before markers existed, or holding
+    the pipeline's log of this stage. Only the stage's own files, its data, work or stage log among them."""
+    names = {p.name for p in out.iterdir()}
+    return names <= OWN_NAMES and bool(names & {FILE, WORK, STAGE_LOG})
+
+
+def preflight(cfg: Config, workers: int | None = None) -> tuple[str, int]:
+    """Everything checkable before work starts or a file is touched: the config, the worker count, the model,
+    the controller, and that `synthesize.out` is a folder this stage may write. Returns (model, workers)."""
+    from clvr.io import claim_dir
+    from clvr.loop.run import build_controller
+
+    validate(cfg)  # a config built in code (dataclasses.replace) gets the checks a loaded one got
+    workers = workers or cfg.synthesize.workers
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     model = resolve_model(cfg)
-    from clvr.loop.run import build_controller
-
     probe = build_controller(cfg)  # an unknown key or a bad endpoint config fails here, before any worker starts
     getattr(probe, "close", lambda: None)()
+    claim_dir(Path(cfg.synthesize.out), OWNER, earlier_output, "synthesize.out")
+    return model, workers
+
+
+def run(cfg: Config, workers: int | None = None, log: Log = _stderr) -> dict:
+    """The stage: {"metrics": flat floats, "final": path of trajectories.jsonl, "made": trajectories generated
+    by this call (not resumed)}. `synthesize.out` must be new, empty or made by this stage (clvr.io.claim_dir)."""
+    from clvr.io import mark_dir
+
+    model, workers = preflight(cfg, workers)
+    s = cfg.synthesize
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    mark_dir(out, OWNER)
     t0 = time.perf_counter()
     todo = prepare(out, cfg, fingerprint(cfg, model), log)
     log(f"[synthesize] {n_jobs(s)} prompts in {n_shards(s)} shards of {s.shard_size}; {len(todo)} to do on "

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from clvr.config import ControllerCfg
-from clvr.errors import ClvrError, ConfigError
+from clvr.errors import ClvrError
 from clvr.steps import OP_ARGS, SchemaError, Step, step_json_schema
 from clvr.world.vocab import COLORS, GRID, SHAPES
 
@@ -135,7 +135,7 @@ class OpenAIController:
     name = "openai"
 
     def __init__(self, cfg: ControllerCfg, grid: int = GRID):
-        _check_cfg(cfg)
+        cfg.check("controller")  # the rules live in clvr.config (a ControllerCfg may be built in code)
         self.cfg, self.grid = cfg, grid
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
         self.schema = step_json_schema(grid)
@@ -284,19 +284,6 @@ class OpenAIController:
         if key:
             text = text.replace(key, "[api key]")
         return repr(_clip(text, MESSAGE_CHARS))
-
-
-def _check_cfg(cfg: ControllerCfg) -> None:
-    if not cfg.base_url.startswith(("http://", "https://")):
-        raise ConfigError(f"controller.base_url must start with http:// or https://, got {cfg.base_url!r}")
-    if not cfg.model:
-        raise ConfigError("controller.model is empty: name the model the endpoint serves")
-    for key in ("timeout_s", "max_tokens", "max_response_bytes"):
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(f"controller.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("max_retries", "backoff_s", "max_history"):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"controller.{key} must be >= 0, got {getattr(cfg, key)}")
 
 
 def openai_controller(cfg: ControllerCfg, grid: int = GRID) -> OpenAIController:

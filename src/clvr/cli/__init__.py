@@ -25,10 +25,22 @@ def _register() -> None:
         importlib.import_module(f"clvr.cli.{mod}")
 
 
+def one_line(text: str) -> str:
+    """A message fit for one terminal line: control characters (newlines, escape codes) shown escaped, never
+    sent raw (a hostile prompt or file name cannot move the cursor or recolour the terminal)."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+
+
 def main() -> None:
+    """Run the CLI. Bad input (ClvrError) and a path the OS refuses (OSError: disk full, no permission) end in
+    one line `error: ...` on stderr and exit code 2, never a traceback."""
     _register()
     try:
         app()
     except ClvrError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        where = f" '{e.filename}'" if e.filename else ""
+        print(f"error: {one_line(f'cannot use{where}: {e.strerror or e}')}", file=sys.stderr)
         sys.exit(2)

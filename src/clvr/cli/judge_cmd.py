@@ -39,10 +39,11 @@ def geneval(folder: Path = typer.Argument(..., help="GenEval layout: DIR/00000/m
             metadata: Optional[Path] = typer.Option(
                 None, "--metadata", help="JSONL of prompts; line i = folder i (overrides the folders' metadata.jsonl)"),
             out: Optional[Path] = typer.Option(None, "--out", help="results file (default DIR/results.jsonl)"),
-            grid: int = typer.Option(4, "--grid", help="cells per side of the world detector")) -> None:
-    """Judge every image with GenEval's rules over the world detector; write results.jsonl; last line JSON."""
+            grid: int = typer.Option(4, "--grid", min=2, max=16, help="cells per side of the world detector")) -> None:
+    """Judge every image with GenEval's rules over the world detector; write results.jsonl; last line JSON.
+    Exit code 2, and no results file, when no image could be scored (all missing, unreadable or unsupported)."""
     from clvr.judge import score_folder
 
-    summary = score_folder(folder, metadata, grid=grid, out=out)
+    summary = score_folder(folder, metadata, grid=grid, out=out, require_scored=True)
     print_summary(summary, f"GenEval-format judge: {folder}")
     typer.echo(json.dumps(summary))

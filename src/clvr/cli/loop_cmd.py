@@ -10,17 +10,27 @@ import typer
 
 from clvr.cli import ProfileOpt, app
 from clvr.cli.groups import eval_app
+from clvr.config import MAX_SEED
 from clvr.errors import ClvrError
 
 ModelOpt = typer.Option(None, "--model", "-m",
                         help="base | distilled | checkpoint folder | oracle | noisy-oracle (default: config loop.model)")
 SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
+# The config sections each command reads: an override of another section is an error, not silently ignored.
+GENERATE_USES = ("world", "loop", "controller")
+EVAL_USES = ("world", "loop", "controller", "eval")
+TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
 
 
-def _cfg(profile: str, overrides: list[str] | None):
+def _cfg(profile: str, overrides: list[str] | None, uses: tuple[str, ...], command: str):
     from clvr.config import load_config
 
-    return load_config(profile, overrides)
+    return load_config(profile, overrides, uses=uses, command=command)
+
+
+def _earlier_trace(out: Path) -> bool:
+    """A `clvr generate` folder from before output markers: only the files generate writes, trace.json among them."""
+    return (out / "trace.json").is_file() and {p.name for p in out.iterdir()} <= TRACE_FILES
 
 
 def _load(cfg, model: str):
@@ -41,28 +51,34 @@ def generate(prompt: str = typer.Argument(..., help="what to draw, e.g. \"a red 
              out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output folder"),
              mode: str = typer.Option("loop", "--mode", help="loop (plan-generate-verify-correct) or single (one call)"),
              model: Optional[str] = ModelOpt,
-             seed: int = typer.Option(0, "--seed", help="layout and sampling seed"),
+             seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="layout and sampling seed"),
              profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Generate one image: writes final.png, filmstrip.png (every step with its caption) and trace.json."""
+    """Generate one image: writes final.png, filmstrip.png (every step with its caption) and trace.json.
+    OUT is replaced whole (never mixed with an earlier trace); a folder generate did not make is refused."""
+    from clvr.io import claim_dir, replace_own_dir
     from clvr.loop.run import build_roles, run_loop
     from clvr.loop.trace import filmstrip
 
-    cfg = _cfg(profile, overrides)
+    cfg = _cfg(profile, overrides, GENERATE_USES, "generate")
     if mode not in ("loop", "single"):
         raise ClvrError(f"unknown mode '{mode}' (known: loop, single)")
+    claim_dir(out, "generate", _earlier_trace, "--out")  # before any work
     controller, verifier = build_roles(cfg)
     controller.plan(prompt, "loop", seed)  # a bad prompt (also unsatisfiable) fails here, before weights load
     generator = _load(cfg, model or cfg.loop.model)
     trace = run_loop(prompt, controller, generator, verifier, cfg.loop, seed, mode, cfg.world.grid, cfg.world.cell)
-    trace.save(out)
-    strip = out / "filmstrip.png"
-    filmstrip(trace).save(strip.with_name("filmstrip.tmp.png"))
-    strip.with_name("filmstrip.tmp.png").replace(strip)
-    typer.echo(f"{trace.summary()} -> {out}/final.png, {strip}, {out}/trace.json")
+
+    def write(d: Path) -> None:
+        trace.save(d)
+        filmstrip(trace).save(d / "filmstrip.png")
+
+    if replace_own_dir(out, "generate", write, _earlier_trace, "--out"):
+        typer.echo(f"replaced the earlier output in {out}", err=True)
+    typer.echo(f"{trace.summary()} -> {out}/final.png, {out}/filmstrip.png, {out}/trace.json")
 
 
 @eval_app.command("probe")
-def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", help="prompts per tier (default: config eval.n_per_tier)"),
+def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", min=1, help="prompts per tier (default: config eval.n_per_tier)"),
           model: Optional[str] = ModelOpt,
           out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
           profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
@@ -70,14 +86,17 @@ def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", h
     Last line: one JSON object with `single` and `loop`."""
     from clvr.probe import run_probe
 
-    cfg = _cfg(profile, overrides)
+    from clvr.io import check_out_dir
+
+    cfg = _cfg(profile, overrides, EVAL_USES, "eval probe")
+    check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo)
     typer.echo(f"wrote {Path(res['plot']).parent}/probe.json and {res['plot']}")
     typer.echo(json.dumps(res))
 
 
 @eval_app.command("geneval-world")
-def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", help="prompts per GenEval tag (default: config eval.geneval_n)"),
+def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="prompts per GenEval tag (default: config eval.geneval_n)"),
                   model: Optional[str] = ModelOpt,
                   out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
                   profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
@@ -85,21 +104,24 @@ def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", help="promp
     Last line: one JSON object."""
     from clvr.probe import run_geneval_world
 
-    cfg = _cfg(profile, overrides)
+    from clvr.io import check_out_dir
+
+    cfg = _cfg(profile, overrides, EVAL_USES, "eval geneval-world")
+    check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo)
     typer.echo(json.dumps(res))
 
 
 @eval_app.command("speed")
-def speed(n: Optional[int] = typer.Option(None, "--n", "-n", help="prompts per row (default: config eval.speed_n)"),
+def speed(n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="prompts per row (default: config eval.speed_n)"),
           models: str = typer.Option("base,distilled", "--models", help="two generators: reference,fast"),
-          iters: int = typer.Option(4, "--iters", help="loop iterations 1..ITERS"),
+          iters: int = typer.Option(4, "--iters", min=1, max=32, help="loop iterations 1..ITERS"),
           profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Efficiency table: seconds per prompt for 1..4 loop iterations, base (28 steps + CFG) vs distilled
     (4 NFE), and the speedup. Last line: one JSON object."""
     from clvr.probe import run_speed
 
-    cfg = _cfg(profile, overrides)
+    cfg = _cfg(profile, overrides, EVAL_USES, "eval speed")
     names = [m.strip() for m in models.split(",") if m.strip()]
     if len(names) != 2:
         raise ClvrError(f"--models needs two generators, reference,fast (got {models!r})")

@@ -12,6 +12,9 @@ from clvr.cli.groups import world_app
 from clvr.config import load_config
 
 Overrides = typer.Argument(None, help="key=value config overrides, e.g. pretrain.steps=100")
+# The config sections each command reads: an override of another section is an error, not silently ignored.
+TRAIN_USES = ("world", "generator", "pretrain", "sample", "engine")
+DISTILL_USES = ("world", "generator", "pretrain", "distill", "sample", "engine")
 
 
 @world_app.command("pretrain")
@@ -19,7 +22,7 @@ def pretrain(overrides: Optional[List[str]] = Overrides, profile: str = ProfileO
     """Train the world generator (resumes from the newest checkpoint in pretrain.out). Last line: JSON metrics."""
     from clvr.train.pretrain import run
 
-    res = run(load_config(profile, overrides))
+    res = run(load_config(profile, overrides, uses=TRAIN_USES, command="world pretrain"))
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 
@@ -28,7 +31,7 @@ def distill(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOp
     """Distill the base into a 4-NFE student, guidance folded in. Last line: JSON metrics."""
     from clvr.train.distill import run
 
-    res = run(load_config(profile, overrides))
+    res = run(load_config(profile, overrides, uses=DISTILL_USES, command="world distill"))
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 
@@ -44,8 +47,8 @@ def ship(src: str = typer.Argument(..., help="a trained checkpoint folder, e.g. 
 @world_app.command("bench-generator")
 def bench_generator(model: str = typer.Option("base", "--model", help="base | a checkpoint folder (base model)"),
                     distilled: str = typer.Option("distilled", "--distilled", help="distilled | a checkpoint folder"),
-                    trials: int = typer.Option(100, help="edits per op"),
-                    prompts: int = typer.Option(50, help="single-step prompts per tier"),
+                    trials: int = typer.Option(100, min=1, help="edits per op"),
+                    prompts: int = typer.Option(50, min=1, help="single-step prompts per tier"),
                     overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
     """Edit success per op (base at 28 steps + CFG, distilled at 4 NFE), single-step pass per tier, speed.
     Last line: one JSON object."""
@@ -53,6 +56,6 @@ def bench_generator(model: str = typer.Option("base", "--model", help="base | a 
 
     from clvr.train.bench import run_bench
 
-    cfg = load_config(profile, overrides)
+    cfg = load_config(profile, overrides, uses=TRAIN_USES, command="world bench-generator")
     torch.set_num_threads(cfg.pretrain.threads)
     typer.echo(json.dumps(run_bench(cfg, model, distilled, trials, prompts)))

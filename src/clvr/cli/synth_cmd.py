@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import List, Optional
 
@@ -30,10 +29,13 @@ WorkersOpt = typer.Option(None, "--workers", "-w", min=1, help="processes (defau
 OverridesArg = typer.Argument(None, help="config overrides key=value, e.g. synthesize.n_per_tier=10")
 
 
-def _cfg(profile: str, overrides: list[str] | None):
+SYNTH_USES = ("world", "loop", "controller", "pretrain", "synthesize")  # sections the data engine reads
+
+
+def _cfg(profile: str, overrides: list[str] | None, command: str):
     from clvr.config import load_config
 
-    return load_config(profile, overrides)
+    return load_config(profile, overrides, uses=SYNTH_USES, command=command)
 
 
 @app.command("synthesize")
@@ -43,7 +45,7 @@ def synthesize_cmd(overrides: Optional[List[str]] = OverridesArg, profile: str =
     Killed runs resume where they stopped. Last line: one JSON object (the metrics)."""
     from clvr import synthesize
 
-    res = synthesize.run(_cfg(profile, overrides), workers)
+    res = synthesize.run(_cfg(profile, overrides, "synthesize"), workers)
     m = res["metrics"]
     typer.echo(f"{int(m['accepted'])}/{int(m['trajectories'])} trajectories accepted, A/B win or tie "
                f"{m['ab_win_or_tie']:.3f} -> {res['final']}")
@@ -53,20 +55,25 @@ def synthesize_cmd(overrides: Optional[List[str]] = OverridesArg, profile: str =
 @bench_app.command("synthesize")
 def bench_synthesize(overrides: Optional[List[str]] = OverridesArg, profile: str = ProfileOpt,
                      workers: Optional[int] = WorkersOpt,
-                     out: Optional[Path] = typer.Option(None, "--out", help="scratch folder, emptied first "
-                                                                             "(default: <synthesize.out>-bench)")) -> None:
+                     out: Optional[Path] = typer.Option(None, "--out", help="scratch folder, emptied first if an "
+                                                       "earlier synthesize run made it, else it must be new or "
+                                                       "empty (default: <synthesize.out>-bench)")) -> None:
     """Time a full data-engine run from scratch. Last line: JSON with trajectories_per_min, accepted_per_min,
     acceptance_per_tier, ab_win_or_tie and whether the target (>= 2000 accepted in <= 600 s) was met."""
     from dataclasses import replace
 
     from clvr import synthesize
 
-    cfg = _cfg(profile, overrides)
+    from clvr.io import empty_own_dir
+
+    cfg = _cfg(profile, overrides, "bench synthesize")
     folder = out or Path(cfg.synthesize.out + "-bench")
     if folder.resolve() == Path(cfg.synthesize.out).resolve():
         raise ClvrError(f"--out {folder} is the stage's own output folder; the bench empties its folder")
-    shutil.rmtree(folder, ignore_errors=True)
     cfg = replace(cfg, synthesize=replace(cfg.synthesize, out=str(folder)))
+    synthesize.preflight(cfg, workers)  # config, model and controller checked before anything is removed
+    if empty_own_dir(folder, synthesize.OWNER, synthesize.earlier_output, "--out"):
+        typer.echo(f"emptied the earlier synthesize output in {folder}", err=True)
     res = synthesize.run(cfg, workers)
     m, minutes = res["metrics"], res["metrics"]["wall_s"] / 60
     model = synthesize.resolve_model(cfg)

@@ -9,6 +9,9 @@ import typer
 
 from clvr.cli import ProfileOpt
 from clvr.cli.groups import world_app
+from clvr.config import MAX_SEED
+
+SeedOpt = typer.Option(0, "--seed", min=0, max=MAX_SEED)
 
 
 @world_app.command("parse")
@@ -29,8 +32,8 @@ def parse_cmd(prompt: str = typer.Argument(..., help='e.g. "two red circles and 
 
 @world_app.command("sample")
 def sample_cmd(tier: int = typer.Option(..., "--tier", min=1, max=10, help="complexity tier 1..10"),
-               n: int = typer.Option(5, "--n", min=1), seed: int = typer.Option(0, "--seed"),
-               grid: int = typer.Option(4, "--grid", min=2)) -> None:
+               n: int = typer.Option(5, "--n", min=1, max=100_000), seed: int = SeedOpt,
+               grid: int = typer.Option(4, "--grid", min=2, max=16)) -> None:
     """Print `n` seeded grammar prompts of one tier as GenEval-format JSONL."""
     import numpy as np
 
@@ -43,23 +46,27 @@ def sample_cmd(tier: int = typer.Option(..., "--tier", min=1, max=10, help="comp
 
 @world_app.command("render-suite")
 def render_suite_cmd(metadata: Path = typer.Option(..., "--metadata", help="GenEval-format JSONL in world vocabulary"),
-                     out: Path = typer.Option(..., "--out", help="output folder (GenEval layout)"),
-                     samples: int = typer.Option(1, "--samples", min=1, help="images per prompt"),
-                     seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt) -> None:
+                     out: Path = typer.Option(..., "--out", help="output folder (GenEval layout); replaced whole "
+                                              "if an earlier render-suite made it, else it must be new or empty"),
+                     samples: int = typer.Option(1, "--samples", min=1, max=1000, help="images per prompt"),
+                     seed: int = SeedOpt, profile: str = ProfileOpt) -> None:
     """Render ground truth for every prompt in GenEval's layout (DIR/00000/metadata.jsonl, samples/0000.png)."""
     from clvr.config import load_config
+    from clvr.io import claim_dir
     from clvr.judge import read_jsonl
     from clvr.world.bench import render_suite
 
     cfg = load_config(profile)
+    claim_dir(out, "world render-suite", what="--out")  # before reading or rendering anything
     mds = read_jsonl(metadata)
-    render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata))
+    if render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata)):
+        typer.echo(f"replaced the earlier suite in {out}", err=True)
     typer.echo(json.dumps({"prompts": len(mds), "samples": samples, "out": str(out)}))
 
 
 @world_app.command("bench")
-def bench_cmd(n: int = typer.Option(1000, "--n", min=1, help="scenes, spread over the 10 tiers"),
-              seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt) -> None:
+def bench_cmd(n: int = typer.Option(1000, "--n", min=1, max=1_000_000, help="scenes, spread over the 10 tiers"),
+              seed: int = SeedOpt, profile: str = ProfileOpt) -> None:
     """Detector exactness, judge agreement (truth + recoloured/moved/removed copies), ms per image."""
     from clvr.config import load_config
     from clvr.world.bench import run_bench
@@ -72,13 +79,15 @@ def bench_cmd(n: int = typer.Option(1000, "--n", min=1, help="scenes, spread ove
 
 
 @world_app.command("figure")
-def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: int = typer.Option(0, "--seed"),
+def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: int = SeedOpt,
                profile: str = ProfileOpt) -> None:
     """Save a PNG with one rendered ground-truth scene per tier (1..10) and its prompt."""
     from clvr.config import load_config
+    from clvr.io import check_out_file
     from clvr.world.bench import tier_figure
 
     cfg = load_config(profile)
+    check_out_file(out, "--out")
     tier_figure(out, seed, cfg.world.grid, cfg.world.cell)
     typer.echo(json.dumps({"figure": str(out)}))
 

@@ -31,7 +31,8 @@ def resolve_model(model: str) -> Path:
 
 
 def load_pipeline(model: str | Path) -> WorldPipeline:
-    """Load a WorldPipeline checkpoint folder (safetensors only); CheckpointError naming the path otherwise."""
+    """Load a WorldPipeline checkpoint folder (safetensors only, every weight finite); CheckpointError naming the
+    path otherwise."""
     path = resolve_model(str(model))
     index = path / "model_index.json"
     if not index.is_file():
@@ -46,10 +47,20 @@ def load_pipeline(model: str | Path) -> WorldPipeline:
     except Exception as e:  # corrupt / truncated / mismatched files
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load generator checkpoint '{path}': {msg}") from None
+    _check_finite(pipe, path)
     _forget_source(pipe)
     pipe.transformer.eval()
     pipe.text_encoder.eval()
     return pipe
+
+
+def _check_finite(pipe: WorldPipeline, path: Path) -> None:
+    """Weights holding NaN or inf (a diverged run, a damaged file) would sample garbage without a word: refuse them."""
+    for part in ("transformer", "text_encoder"):
+        for name, t in getattr(pipe, part).state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"generator checkpoint '{path}' has non-finite weights (NaN or inf) in "
+                                      f"{part}.{name}")
 
 
 def _forget_source(pipe: WorldPipeline) -> None:

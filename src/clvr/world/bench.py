@@ -44,12 +44,17 @@ def suite_metadata(n_per_tier: int, geneval_n: int, seed: int = 0, grid: int = G
 
 
 def render_suite(metadata: list[dict], out, samples: int = 1, seed: int = 0, grid: int = GRID,
-                 cell: int = CELL, where: str = "metadata") -> None:
-    """Ground truth for every prompt in GenEval's layout: `samples` solver layouts per prompt, rendered.
-    A prompt the world cannot draw raises ClvrError naming its line."""
+                 cell: int = CELL, where: str = "metadata", owner: str = "world render-suite",
+                 legacy=None) -> bool:
+    """Ground truth for every prompt in GenEval's layout: `samples` solver layouts per prompt, rendered, written
+    as one folder that replaces `out` whole (see write_geneval_folder; `out` is checked before any work).
+    A prompt the world cannot draw raises ClvrError naming its line. True when an earlier suite was replaced."""
+    from clvr.io import claim_dir
     from clvr.judge import write_geneval_folder
     from clvr.world.render import render
     from clvr.world.solver import Unsatisfiable, solve
+
+    claim_dir(out, owner, legacy)
 
     images = []
     for i, md in enumerate(metadata):
@@ -58,7 +63,7 @@ def render_suite(metadata: list[dict], out, samples: int = 1, seed: int = 0, gri
         except Unsatisfiable as e:
             raise Unsatisfiable(f"{where} line {i + 1} ('{md.get('prompt', '')}'): {e}") from None
         images.append([render(s, cell) for s in scenes])
-    write_geneval_folder(out, metadata, images)
+    return write_geneval_folder(out, metadata, images, owner, legacy)
 
 
 def cell_relation(a: Obj, b: Obj, rel: str) -> bool | None:

@@ -26,11 +26,11 @@ import re
 from functools import lru_cache
 
 from clvr.errors import ClvrError
-from clvr.world.vocab import COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES, words
+from clvr.world.vocab import COLORS, NUMBERS, PLURALS, PUNCTUATION, RELATIONS, SHAPES, words
 
 SINGULAR = {p: s for s, p in PLURALS.items()}
 COUNT_WORDS = {"a": 1, "an": 1, **{w: i for i, w in enumerate(NUMBERS)}}
-_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+_TOKEN = re.compile(r"[a-z0-9]+|[^\sa-z0-9]", re.IGNORECASE)  # spans index the prompt as typed
 
 
 class ParseError(ClvrError):
@@ -49,12 +49,27 @@ def _known() -> frozenset[str]:
     return frozenset(words())
 
 
+def _word_span(prompt: str, t: Tok) -> tuple[int, int]:
+    """The span of the whole word around token `t` ("círcle", not its first letter "c"); a word ends at a space or
+    at punctuation the world knows."""
+    stop = lambda ch: ch.isspace() or ch in PUNCTUATION  # noqa: E731
+    start, end = t.start, t.end
+    if not t.text.isalnum():
+        return start, end
+    while start > 0 and not stop(prompt[start - 1]):
+        start -= 1
+    while end < len(prompt) and not stop(prompt[end]):
+        end += 1
+    return start, end
+
+
 def tokenize(prompt: str) -> list[Tok]:
     """Lower-cased word and punctuation tokens with character spans; an unknown word is a ParseError."""
-    toks = [Tok(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(prompt.lower())]
+    toks = [Tok(m.group().lower(), m.start(), m.end()) for m in _TOKEN.finditer(prompt)]
     for t in toks:
         if t.text not in _known():
-            raise ParseError(f"unknown word '{prompt[t.start:t.end]}' at characters {t.start}-{t.end}")
+            start, end = _word_span(prompt, t)
+            raise ParseError(f"unknown word '{prompt[start:end]}' at characters {start}-{end}")
     return toks
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from clvr.errors import ClvrError
 from clvr.world.scene import Cell, Obj, Scene
-from clvr.world.vocab import CELL, COLORS, GRID, SHAPES
+from clvr.world.vocab import CELL, COLORS, GRID, SHAPES, count_noun, plural
 
 MAX_NODES = 4000  # search steps per relation mode (all colourings together)
 MAX_COLORINGS = 4
@@ -69,8 +69,7 @@ def solve(metadata: dict, grid: int = GRID, rng: np.random.Generator | None = No
 
 
 def _desc(c: dict) -> str:
-    n = int(c["count"])
-    return f"{n} {c['color'] + ' ' if c.get('color') else ''}{c['class']}"
+    return count_noun(int(c["count"]), f"{c['color'] + ' ' if c.get('color') else ''}{c['class']}")
 
 
 def _check_vocabulary(clauses: list[dict]) -> None:
@@ -112,8 +111,8 @@ def _exclude_violation(include: list[dict], colors, exclude: list[dict]) -> str 
                 if c["class"] == e["class"] and (not e.get("color") or e["color"] == k))
         if n >= int(e["count"]):
             what = f"{e['color']} {e['class']}" if e.get("color") else e["class"]
-            limit = "no" if int(e["count"]) == 1 else f"fewer than {e['count']}"
-            return f"the prompt asks for {n} {what} but also for {limit} {what}"
+            limit = f"no {plural(what)}" if int(e["count"]) == 1 else f"fewer than {count_noun(int(e['count']), what)}"
+            return f"the prompt asks for {count_noun(n, what)} but also for {limit}"
     return None
 
 

@@ -7,6 +7,31 @@ from __future__ import annotations
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")  # the GenEval "classes" of the world
 PLURALS: dict[str, str] = {s: s + "s" for s in SHAPES}
+# GenEval's COCO classes whose plural is not noun + "s" (messages name any class a metadata file may hold)
+IRREGULAR_PLURALS: dict[str, str] = {"person": "people", "mouse": "mice", "sheep": "sheep", "skis": "skis",
+                                     "scissors": "scissors", "knife": "knives", "skateboard": "skateboards"}
+
+
+def plural(noun: str) -> str:
+    """'circle' -> 'circles', 'red bus' -> 'red buses', 'teddy bear' -> 'teddy bears' (the last word inflects)."""
+    head, _, last = noun.rpartition(" ")
+    if last in PLURALS:
+        word = PLURALS[last]
+    elif last in IRREGULAR_PLURALS:
+        word = IRREGULAR_PLURALS[last]
+    elif last.endswith(("s", "x", "z", "ch", "sh")):
+        word = last + "es"
+    elif last.endswith("y") and last[-2:-1] not in ("a", "e", "i", "o", "u", ""):
+        word = last[:-1] + "ies"
+    else:
+        word = last + "s"
+    return f"{head} {word}" if head else word
+
+
+def count_noun(n: int, noun: str) -> str:
+    """'1 circle', '2 circles', 'no circles' (messages that count objects)."""
+    return f"no {plural(noun)}" if n == 0 else f"{n} {noun if n == 1 else plural(noun)}"
+
 
 # GenEval colour names -> RGB. Saturated and far apart so the palette snap and detector are exact.
 COLORS: dict[str, tuple[int, int, int]] = {
