@@ -58,6 +58,8 @@ class WorldCfg:
     def check(self, name: str) -> None:
         need(self.grid >= 2, f"{name}.grid", ">= 2", self.grid)
         need(self.cell >= 8, f"{name}.cell", ">= 8 pixels", self.cell)
+        need(self.cell >= 16 or not self.appearance.varied, f"{name}.cell",
+             ">= 16 pixels when world.appearance.varied is true (smaller turned shapes are not told apart)", self.cell)
         self.appearance.check(f"{name}.appearance")
 
 

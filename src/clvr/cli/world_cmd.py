@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from clvr.cli import ProfileOpt
 from clvr.cli.groups import world_app
+
+VariedOpt = typer.Option(None, "--varied/--fixed",
+                         help="varied or fixed object appearance (default: config world.appearance.varied)")
+
+
+def _appearance(cfg, varied: Optional[bool]):
+    """The config's `world.appearance`, with `varied` switched by the command-line flag when given."""
+    from dataclasses import replace
+
+    app = cfg.world.appearance
+    return app if varied is None else replace(app, varied=varied)
 
 
 @world_app.command("parse")
@@ -45,7 +57,8 @@ def sample_cmd(tier: int = typer.Option(..., "--tier", min=1, max=10, help="comp
 def render_suite_cmd(metadata: Path = typer.Option(..., "--metadata", help="GenEval-format JSONL in world vocabulary"),
                      out: Path = typer.Option(..., "--out", help="output folder (GenEval layout)"),
                      samples: int = typer.Option(1, "--samples", min=1, help="images per prompt"),
-                     seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt) -> None:
+                     seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt,
+                     varied: Optional[bool] = VariedOpt) -> None:
     """Render ground truth for every prompt in GenEval's layout (DIR/00000/metadata.jsonl, samples/0000.png)."""
     from clvr.config import load_config
     from clvr.judge import read_jsonl
@@ -53,19 +66,21 @@ def render_suite_cmd(metadata: Path = typer.Option(..., "--metadata", help="GenE
 
     cfg = load_config(profile)
     mds = read_jsonl(metadata)
-    render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata))
+    render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata),
+                 appearance=_appearance(cfg, varied))
     typer.echo(json.dumps({"prompts": len(mds), "samples": samples, "out": str(out)}))
 
 
 @world_app.command("bench")
 def bench_cmd(n: int = typer.Option(1000, "--n", min=1, help="scenes, spread over the 10 tiers"),
-              seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt) -> None:
+              seed: int = typer.Option(0, "--seed"), profile: str = ProfileOpt,
+              varied: Optional[bool] = VariedOpt) -> None:
     """Detector exactness, judge agreement (truth + recoloured/moved/removed copies), ms per image."""
     from clvr.config import load_config
     from clvr.world.bench import run_bench
 
     cfg = load_config(profile)
-    result = run_bench(n, seed, cfg.world.grid, cfg.world.cell)
+    result = run_bench(n, seed, cfg.world.grid, cfg.world.cell, _appearance(cfg, varied))
     for line in result.pop("disagreements"):
         typer.echo(f"disagreement: {line}")
     typer.echo(json.dumps(result))
@@ -73,11 +88,11 @@ def bench_cmd(n: int = typer.Option(1000, "--n", min=1, help="scenes, spread ove
 
 @world_app.command("figure")
 def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: int = typer.Option(0, "--seed"),
-               profile: str = ProfileOpt) -> None:
+               profile: str = ProfileOpt, varied: Optional[bool] = VariedOpt) -> None:
     """Save a PNG with one rendered ground-truth scene per tier (1..10) and its prompt."""
     from clvr.config import load_config
     from clvr.world.bench import tier_figure
 
     cfg = load_config(profile)
-    tier_figure(out, seed, cfg.world.grid, cfg.world.cell)
+    tier_figure(out, seed, cfg.world.grid, cfg.world.cell, _appearance(cfg, varied))
     typer.echo(json.dumps({"figure": str(out)}))

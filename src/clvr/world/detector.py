@@ -131,34 +131,35 @@ def classify(mask: np.ndarray) -> str:
     corners = (trimmed[:k, :k].mean(), trimmed[:k, -k:].mean(), trimmed[-k:, :k].mean(), trimmed[-k:, -k:].mean())
     if min(corners) > 0.5:
         return "square"
-    scores = {shape: _iou(mask, synthesise(mask, shape)) for shape in SHAPES}
+    scores = {shape: _iou(mask, m) for shape, m in synthesise(mask).items()}
     return max(scores, key=scores.get)
 
 
 _SIDES = {"square": 4, "triangle": 3}
 
 
-def synthesise(mask: np.ndarray, shape: str) -> np.ndarray:
-    """The `shape` with the mask's area and centroid, turned as the mask's n-fold angular moment says,
-    drawn (pixel centres) on the mask's box: a regular polygon with an edge at the bottom at angle 0 (the
-    renderer's convention: triangle apex up), or a disc."""
+def synthesise(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Per class, the shape with the mask's area and centroid, turned as the mask's n-fold angular moment
+    says, drawn (pixel centres) on the mask's box: a disc, or a regular polygon with an edge at the bottom
+    at angle 0 (the renderer's convention: triangle apex up)."""
     h, w = mask.shape
     yy, xx = np.nonzero(mask)
     area = len(yy)
     cy, cx = yy.mean() + 0.5, xx.mean() + 0.5
     y = (np.arange(h) + 0.5)[:, None] - cy
     x = (np.arange(w) + 0.5)[None, :] - cx
-    if shape == "circle":
-        return x * x + y * y <= area / math.pi
-    n = _SIDES[shape]
-    r = math.sqrt(2 * area / (n * math.sin(2 * math.pi / n)))  # circumradius of a regular n-gon of this area
-    moment = np.angle((((xx + 0.5 - cx) + 1j * (yy + 0.5 - cy)) ** n).sum())
-    theta = (moment - math.pi) / n if n == 4 else (moment - math.pi / 2) / 3  # vertices' n-fold phase
-    inside = np.ones((h, w), bool)
-    for j in range(n):
-        phi = math.pi / 2 + theta + 2 * math.pi * j / n  # outward normal of edge j
-        inside &= x * math.cos(phi) + y * math.sin(phi) <= r * math.cos(math.pi / n)
-    return inside
+    z = (xx + 0.5 - cx) + 1j * (yy + 0.5 - cy)
+    out = {"circle": x * x + y * y <= area / math.pi}
+    for shape, n in _SIDES.items():
+        r = math.sqrt(2 * area / (n * math.sin(2 * math.pi / n)))  # circumradius of a regular n-gon of this area
+        moment = float(np.angle((z ** n).sum()))
+        theta = (moment - math.pi) / n if n == 4 else (moment - math.pi / 2) / 3  # the vertices' n-fold phase
+        inside = np.ones((h, w), bool)
+        for j in range(n):
+            phi = math.pi / 2 + theta + 2 * math.pi * j / n  # outward normal of edge j
+            inside &= x * math.cos(phi) + y * math.sin(phi) <= r * math.cos(math.pi / n)
+        out[shape] = inside
+    return out
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -151,3 +151,17 @@ def vary(scene: Scene, rng: np.random.Generator, appearance) -> Scene:
 def plain(scene: Scene) -> Scene:
     """The scene with every look dropped (the fixed world's drawing of it)."""
     return Scene(tuple(Obj(o.shape, o.color, o.row, o.col) for o in scene.objects), scene.grid)
+
+
+def redraw(image: np.ndarray, before: Scene, after: Scene, cell: int = CELL) -> np.ndarray:
+    """`image` (a drawing of `before`) changed into `after` in place of a fresh render: only the cells whose
+    object differs are drawn again (as `after` has them, looks included); every other pixel is kept."""
+    out = np.array(image, np.uint8, copy=True)
+    for r in range(after.grid):
+        for c in range(after.grid):
+            o = after.at((r, c))
+            if o == before.at((r, c)):
+                continue
+            ys, xs = slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell)
+            out[ys, xs] = BACKGROUND if o is None else cell_patch(o.shape, o.color, o.look, cell)
+    return out
