@@ -11,7 +11,8 @@
    `MIN_AREA_FRAC` of a canonical sprite box are noise. A component larger than ~1.5 cells (two touching
    objects of one colour) is split along the cell grid.
 3. Shape class from geometry, robust to size, offset and orientation: a component that fills all four
-   corners of its box is a square (an upright square at any size or offset). Otherwise analysis by
+   corners of its box is a square (an upright square at any size or offset), one that fills both bottom
+   corners and no top one an apex-up triangle (no turned square or disc does). Otherwise analysis by
    synthesis: for each class, the shape with the component's area and centroid, turned to the
    orientation its n-fold angular moment gives (n = 4 square, 3 triangle), is drawn on the component's box,
    and the class whose drawing overlaps the component best (IoU) wins.
@@ -131,6 +132,8 @@ def classify(mask: np.ndarray) -> str:
     corners = (trimmed[:k, :k].mean(), trimmed[:k, -k:].mean(), trimmed[-k:, :k].mean(), trimmed[-k:, -k:].mean())
     if min(corners) > 0.5:
         return "square"
+    if min(corners[2:]) > 0.5 and max(corners[:2]) <= 0.5:  # both bottom corners, no top one: apex-up triangle
+        return "triangle"
     scores = {shape: _iou(mask, m) for shape, m in synthesise(mask).items()}
     return max(scores, key=scores.get)
 
