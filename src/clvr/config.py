@@ -52,9 +52,42 @@ MAX_SEED = 2**32 - 1  # numpy and torch both take seeds in 0..2**32-1
 
 
 @dataclass
+class AppearanceCfg:
+    """How objects look inside their cells (clvr.world.render.draw_look) and how text-to-image layouts are
+    chosen. `varied: false` is the fixed world: each object is the canonical sprite at its cell's centre and
+    a prompt's training layout is the solver's canonical one. Every profile keeps it for now, because the
+    shipped weights (src/clvr/weights) were trained on the fixed world and are not yet retrained; turn the
+    varied world on with `world.appearance.varied=true`. The other keys only act when `varied` is true.
+    Cells, relations and the judge's rules do not depend on any of this."""
+
+    varied: bool = False
+    size: list[float] = field(default_factory=lambda: [0.3125, 0.4375])  # circumradius range, fraction of a cell
+    offset: bool = True  # centre shifted at random, as far as the shape still keeps a 1/16-cell margin
+    rotate: bool = True  # squares and triangles turned by a random multiple of 15 degrees (circles never)
+    antialias: bool = False  # edge pixels blended with the background by their coverage
+    random_layouts: bool = True  # training layouts drawn by the seeded solver, not its one canonical layout
+
+    def check(self, name: str) -> None:
+        s = self.size
+        need(len(s) == 2 and 0.3125 <= s[0] <= s[1] <= 0.4375, f"{name}.size",
+             "[low, high] with 0.3125 <= low <= high <= 0.4375 (a circumradius in cells: large enough for the "
+             "detector, small enough to keep a margin in the cell)", list(s))
+        need(len(s) == 2 and math.ceil(s[0] * 32 - 1e-9) <= math.floor(s[1] * 32 + 1e-9), f"{name}.size",
+             "a range holding a whole multiple of 1/32 cell", list(s))
+
+
+@dataclass
 class WorldCfg:
     grid: int = 4  # cells per side
     cell: int = 16  # pixels per cell; canvas = grid * cell
+    appearance: AppearanceCfg = field(default_factory=AppearanceCfg)
+
+    def check(self, name: str) -> None:
+        need(self.grid >= 2, f"{name}.grid", ">= 2", self.grid)
+        need(self.cell >= 8, f"{name}.cell", ">= 8 pixels", self.cell)
+        need(self.cell >= 16 or not self.appearance.varied, f"{name}.cell",
+             ">= 16 pixels when world.appearance.varied is true (smaller turned shapes are not told apart)", self.cell)
+        self.appearance.check(f"{name}.appearance")
 
     def check(self, name: str) -> None:
         need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)

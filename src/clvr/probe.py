@@ -248,6 +248,17 @@ def batched_seconds(cfg: Config, generators: dict[str, Generator], prompts: list
     return row
 
 
+def with_base_4(cfg: Config, generators: dict[str, Generator]) -> dict[str, Generator]:
+    """`generators` plus `base_4` (the base's network at `sample.distilled_steps` without CFG, the naive
+    few-step baseline distillation must beat) when one of them is the world backend's base; else unchanged."""
+    from clvr.models.backend import WorldGenerator
+
+    base = generators.get("base")
+    if not isinstance(base, WorldGenerator) or "base_4" in generators:
+        return generators
+    return {**generators, "base_4": WorldGenerator(base.pipe, cfg.sample.distilled_steps, 1.0, name="world-base_4")}
+
+
 def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = None, max_iters: int = 4,
               tier: int = 8, log=print) -> dict:
     """Seconds per prompt for a loop of exactly k = 1..max_iters generator calls (budget max_iters = k, one
@@ -258,10 +269,16 @@ def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = Non
     Latency at batch 1 is bound by per-call overhead for a 1M-parameter model on a CPU, not by compute, so it
     scales with sampling steps rather than NFE (the base's CFG pair is one forward of batch 2). At real scale
     one 1024 px image saturates the GPU and time follows NFE. The `*_batched` columns show that regime: the
-    same loops for `eval.speed_batch` prompts in lockstep, seconds per prompt = batch time / batch."""
+    same loops for `eval.speed_batch` prompts in lockstep, seconds per prompt = batch time / batch.
+
+    When the reference is the world base, a `base_4` column (the base at the distilled step count, no CFG)
+    runs beside the two; speedups stay first / second. `<name>_pass` is the share of prompts whose loop
+    passed within k calls: the quality side of the table."""
     import torch
 
     validate(cfg)
+    pair = list(generators)[:2]
+    generators = with_base_4(cfg, generators)
     n = n or cfg.eval.speed_n
     prompts = probe_prompts(n, cfg.eval.seed + 1, cfg.world.grid, (tier,))
     batched = probe_prompts(cfg.eval.speed_batch, cfg.eval.seed + 2, cfg.world.grid, (tier,))
@@ -275,6 +292,7 @@ def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = Non
         budget = replace(cfg.loop, max_iters=k, max_nfe=10**9)
         secs: dict[str, list[float]] = {name: [] for name in names}
         nfes: dict[str, list[int]] = {name: [] for name in names}
+        passed: dict[str, list[bool]] = {name: [] for name in names}
         for i, md in enumerate(prompts):
             for name, gen in generators.items():
                 t = time.perf_counter()
@@ -282,12 +300,14 @@ def run_speed(cfg: Config, generators: dict[str, Generator], n: int | None = Non
                               cfg.world.grid, cfg.world.cell)
                 secs[name].append(time.perf_counter() - t)
                 nfes[name].append(tr.nfe)
+                passed[name].append(bool(tr.passed))
         row: dict = {"iterations": k}
         for name in names:
             row[f"{name}_s"] = round(float(np.median(secs[name])), 4)
             row[f"{name}_nfe"] = round(float(np.mean(nfes[name])), 1)
-        if len(names) >= 2:
-            row["speedup"] = round(row[f"{names[0]}_s"] / max(row[f"{names[1]}_s"], 1e-9), 2)
+            row[f"{name}_pass"] = round(float(np.mean(passed[name])), 3)
+        if len(pair) >= 2:
+            row["speedup"] = round(row[f"{pair[0]}_s"] / max(row[f"{pair[1]}_s"], 1e-9), 2)
         if cfg.eval.speed_batch:
             row.update(batched_seconds(cfg, generators, batched, budget, controller, verifier))
         log("  ".join(f"{k_}={v}" for k_, v in row.items()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,6 +13,17 @@ from clvr.cli.groups import world_app
 from clvr.config import MAX_SEED
 
 SeedOpt = typer.Option(0, "--seed", min=0, max=MAX_SEED)
+
+VariedOpt = typer.Option(None, "--varied/--fixed",
+                         help="varied or fixed object appearance (default: config world.appearance.varied)")
+
+
+def _appearance(cfg, varied: Optional[bool]):
+    """The config's `world.appearance`, with `varied` switched by the command-line flag when given."""
+    from dataclasses import replace
+
+    app = cfg.world.appearance
+    return app if varied is None else replace(app, varied=varied)
 
 
 @world_app.command("parse")
@@ -49,7 +61,7 @@ def render_suite_cmd(metadata: Path = typer.Option(..., "--metadata", help="GenE
                      out: Path = typer.Option(..., "--out", help="output folder (GenEval layout); replaced whole "
                                               "if an earlier render-suite made it, else it must be new or empty"),
                      samples: int = typer.Option(1, "--samples", min=1, max=1000, help="images per prompt"),
-                     seed: int = SeedOpt, profile: str = ProfileOpt) -> None:
+                     seed: int = SeedOpt, profile: str = ProfileOpt, varied: Optional[bool] = VariedOpt) -> None:
     """Render ground truth for every prompt in GenEval's layout (DIR/00000/metadata.jsonl, samples/0000.png)."""
     from clvr.config import load_config
     from clvr.io import claim_dir
@@ -59,20 +71,21 @@ def render_suite_cmd(metadata: Path = typer.Option(..., "--metadata", help="GenE
     cfg = load_config(profile)
     claim_dir(out, "world render-suite", what="--out")  # before reading or rendering anything
     mds = read_jsonl(metadata)
-    if render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata)):
+    if render_suite(mds, out, samples, seed, cfg.world.grid, cfg.world.cell, where=str(metadata),
+                    appearance=_appearance(cfg, varied)):
         typer.echo(f"replaced the earlier suite in {out}", err=True)
     typer.echo(json.dumps({"prompts": len(mds), "samples": samples, "out": str(out)}))
 
 
 @world_app.command("bench")
 def bench_cmd(n: int = typer.Option(1000, "--n", min=1, max=1_000_000, help="scenes, spread over the 10 tiers"),
-              seed: int = SeedOpt, profile: str = ProfileOpt) -> None:
+              seed: int = SeedOpt, profile: str = ProfileOpt, varied: Optional[bool] = VariedOpt) -> None:
     """Detector exactness, judge agreement (truth + recoloured/moved/removed copies), ms per image."""
     from clvr.config import load_config
     from clvr.world.bench import run_bench
 
     cfg = load_config(profile)
-    result = run_bench(n, seed, cfg.world.grid, cfg.world.cell)
+    result = run_bench(n, seed, cfg.world.grid, cfg.world.cell, _appearance(cfg, varied))
     for line in result.pop("disagreements"):
         typer.echo(f"disagreement: {line}")
     typer.echo(json.dumps(result))
@@ -80,7 +93,7 @@ def bench_cmd(n: int = typer.Option(1000, "--n", min=1, max=1_000_000, help="sce
 
 @world_app.command("figure")
 def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: int = SeedOpt,
-               profile: str = ProfileOpt) -> None:
+               profile: str = ProfileOpt, varied: Optional[bool] = VariedOpt) -> None:
     """Save a PNG with one rendered ground-truth scene per tier (1..10) and its prompt."""
     from clvr.config import load_config
     from clvr.io import check_out_file
@@ -88,7 +101,7 @@ def figure_cmd(out: Path = typer.Option(Path("docs/tiers.png"), "--out"), seed: 
 
     cfg = load_config(profile)
     check_out_file(out, "--out")
-    tier_figure(out, seed, cfg.world.grid, cfg.world.cell)
+    tier_figure(out, seed, cfg.world.grid, cfg.world.cell, _appearance(cfg, varied))
     typer.echo(json.dumps({"figure": str(out)}))
 
 

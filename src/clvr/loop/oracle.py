@@ -8,6 +8,8 @@
   `p_err` (no change, wrong colour, or a stray extra object). Figures made with it are labelled as such.
 
 Neither is a model: they exist as a ceiling and for tests; `nfe` is what they report per call (default 0).
+With a varied `appearance` (config `world.appearance`), text-to-image objects get random looks, and an edit
+redraws only the cells it changes (new objects with random looks), keeping every other pixel of the reference.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from clvr.errors import ClvrError
 from clvr.generator import GenRequest, GenResult, register_generator
 from clvr.steps import SchemaError, Step
-from clvr.world.render import render
+from clvr.world.render import redraw, render, vary
 from clvr.world.scene import Obj, Scene
 from clvr.world.vocab import COLORS, SHAPES
 
@@ -50,20 +52,33 @@ def _int(s: str) -> int | str:
 class OracleGenerator:
     name = "oracle"
 
-    def __init__(self, grid: int = 4, cell: int = 16, p_err: float = 0.0, nfe: int = 0):
+    def __init__(self, grid: int = 4, cell: int = 16, p_err: float = 0.0, nfe: int = 0, appearance=None):
         self.grid, self.cell, self.p_err, self.nfe = grid, cell, p_err, nfe
+        self.appearance = appearance if appearance is not None and appearance.varied else None
 
     def generate(self, req: GenRequest) -> GenResult:
         t = time.perf_counter()
         rng = np.random.default_rng(req.seed)
         scene = self.text_to_scene(req, rng) if req.reference is None else self.edit_scene(req, rng)
-        return GenResult(render(scene, self.cell), self.nfe, time.perf_counter() - t)
+        if self.appearance is None:
+            image = render(scene, self.cell)
+        elif req.reference is None:
+            image = render(vary(scene, rng, self.appearance), self.cell)
+        else:
+            before = self._detected(req.reference)
+            image = redraw(req.reference, before, vary(scene, rng, self.appearance), self.cell)
+        return GenResult(image, self.nfe, time.perf_counter() - t)
+
+    def _detected(self, image: np.ndarray) -> Scene:
+        from clvr.world.detector import detect, to_scene
+
+        return to_scene(detect(image, self.grid), self.grid)
 
     def text_to_scene(self, req: GenRequest, rng: np.random.Generator) -> Scene:
         from clvr.world.parser import parse
         from clvr.world.solver import solve
 
-        scene = solve(parse(req.instruction), self.grid, rng=rng)
+        scene = solve(parse(req.instruction), self.grid, rng=rng, appearance=self.appearance)
         kept = []
         for o in scene.objects:
             if rng.random() >= self.p_err:
@@ -73,9 +88,7 @@ class OracleGenerator:
         return Scene(tuple(kept), self.grid)
 
     def edit_scene(self, req: GenRequest, rng: np.random.Generator) -> Scene:
-        from clvr.world.detector import detect, to_scene
-
-        before = to_scene(detect(req.reference, self.grid), self.grid)
+        before = self._detected(req.reference)
         step = parse_instruction(req.instruction, self.grid)
         try:
             after = step.apply(before)
@@ -103,12 +116,13 @@ def _other(color: str, rng: np.random.Generator) -> str:
 
 
 @register_generator("oracle")
-def oracle(grid: int = 4, cell: int = 16, nfe: int = 0) -> OracleGenerator:
-    return OracleGenerator(grid, cell, 0.0, nfe)
+def oracle(grid: int = 4, cell: int = 16, nfe: int = 0, appearance=None) -> OracleGenerator:
+    return OracleGenerator(grid, cell, 0.0, nfe, appearance)
 
 
 @register_generator("noisy-oracle")
-def noisy_oracle(grid: int = 4, cell: int = 16, p_err: float = 0.15, nfe: int = 0) -> OracleGenerator:
-    g = OracleGenerator(grid, cell, p_err, nfe)
+def noisy_oracle(grid: int = 4, cell: int = 16, p_err: float = 0.15, nfe: int = 0,
+                 appearance=None) -> OracleGenerator:
+    g = OracleGenerator(grid, cell, p_err, nfe, appearance)
     g.name = f"noisy-oracle(p_err={p_err})"
     return g

@@ -202,7 +202,7 @@ def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: 
     from clvr.generator import make_generator
 
     if model in ORACLE_MODELS:
-        return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell)
+        return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell, appearance=cfg.world.appearance)
     check_model_name(model)
     return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance)
 

@@ -4,6 +4,10 @@
   (as the loop sends it: `Step.instruction()` + `Step.regions()`); success = the detected scene of the output
   equals `step.apply(reference scene)` exactly (the edit done, nothing else changed).
 * single-step pass per tier: a grammar prompt of that tier, text-to-image in one call, judged by the world judge.
+
+`bench-generator` rows: `base_28_cfg` (base at `sample.steps` + CFG), `base_4` (the same base at
+`sample.distilled_steps` without CFG: what distillation must beat) and `distilled_4`. With a varied
+`world.appearance`, reference canvases are drawn with random looks.
 """
 
 from __future__ import annotations
@@ -16,24 +20,25 @@ import torch
 from clvr.generator import GenRequest
 from clvr.train.data import EDIT_OPS, random_edit
 from clvr.world.detector import detect, to_scene
-from clvr.world.render import render
+from clvr.world.render import render, vary
 
 
-def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects: int = 10):
+def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects: int = 10, appearance=None):
     rng = np.random.default_rng([seed, EDIT_OPS.index(op)])
     reqs, targets = [], []
     for i in range(n):
         scene, step, adds = random_edit(rng, grid, max_objects, op)
+        scene = vary(scene, rng, appearance)
         reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
                                step.regions(), seed=seed * 1000 + i))
         targets.append(step.apply(scene))
     return reqs, targets
 
 
-def edit_success(gen, n: int, grid: int, cell: int, seed: int = 1234) -> dict[str, float]:
+def edit_success(gen, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
     out = {}
     for op in EDIT_OPS:
-        reqs, targets = edit_requests(op, n, grid, cell, seed)
+        reqs, targets = edit_requests(op, n, grid, cell, seed, appearance=appearance)
         res = gen.generate_batch(reqs)
         out[op] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
     return out
@@ -61,7 +66,8 @@ def single_step_pass(gen, n: int, grid: int, tiers: range | list[int], seed: int
     return out
 
 
-def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int], seed: int = 99) -> dict[str, float]:
+def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int], seed: int = 99,
+               appearance=None) -> dict[str, float]:
     """The in-training evaluation: flat metrics {edit_<op>, edit_mean, single_tier<k>}."""
     from clvr.models.backend import WorldGenerator
 
@@ -69,7 +75,7 @@ def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int],
     pipe.transformer.eval(), pipe.text_encoder.eval()
     gen = WorldGenerator(pipe, steps, guidance)
     g, c = pipe.config.grid, pipe.config.cell
-    es = edit_success(gen, trials, g, c, seed)
+    es = edit_success(gen, trials, g, c, seed, appearance)
     out = {f"edit_{k}": v for k, v in es.items()}
     out["edit_mean"] = float(np.mean(list(es.values())))
     out.update({f"single_tier{k}": v for k, v in single_step_pass(gen, trials, g, tiers, seed).items()})
@@ -105,24 +111,26 @@ def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int
     from clvr.models.backend import WorldGenerator, load_pipeline
 
     torch.manual_seed(0)
-    g, c = cfg.world.grid, cfg.world.cell
+    g, c, app = cfg.world.grid, cfg.world.cell, cfg.world.appearance
     base_pipe, dist_pipe = load_pipeline(base), load_pipeline(distilled)
-    gen_base = WorldGenerator(base_pipe, cfg.sample.steps, cfg.sample.guidance)
-    gen_dist = WorldGenerator(dist_pipe, cfg.sample.distilled_steps, 1.0)
+    gens = {"base_28_cfg": WorldGenerator(base_pipe, cfg.sample.steps, cfg.sample.guidance),
+            "base_4": WorldGenerator(base_pipe, cfg.sample.distilled_steps, 1.0),
+            "distilled_4": WorldGenerator(dist_pipe, cfg.sample.distilled_steps, 1.0)}
     params = sum(p.numel() for p in base_pipe.transformer.parameters()) + \
         sum(p.numel() for p in base_pipe.text_encoder.parameters())
-    eb, ed = edit_success(gen_base, trials, g, c, seed), edit_success(gen_dist, trials, g, c, seed)
-    sb = single_step_pass(gen_base, prompts, g, range(1, tiers + 1), seed)
-    sd = single_step_pass(gen_dist, prompts, g, range(1, tiers + 1), seed)
+    edits = {k: edit_success(gen, trials, g, c, seed, app) for k, gen in gens.items()}
+    single = {k: single_step_pass(gen, prompts, g, range(1, tiers + 1), seed) for k, gen in gens.items()}
+    eb, ed = edits["base_28_cfg"], edits["distilled_4"]
     return {
         "params": params,
+        "appearance": "varied" if app.varied else "fixed",
         "edit_trials": trials,
-        "edit_success": {"base_28_cfg": eb, "distilled_4": ed},
+        "edit_success": edits,
         "distill_gap_max": max(abs(eb[k] - ed[k]) for k in eb),
         "single_step_prompts": prompts,
-        "single_step_pass": {"base_28_cfg": sb, "distilled_4": sd},
+        "single_step_pass": single,
         "train_samples_per_s": round(train_samples_per_s(cfg), 1),
-        "ms_per_image_4": round(ms_per_image(gen_dist, 128, g, c), 2),
-        "ms_per_image_28": round(ms_per_image(gen_base, 128, g, c), 2),
+        "ms_per_image_4": round(ms_per_image(gens["distilled_4"], 128, g, c), 2),
+        "ms_per_image_28": round(ms_per_image(gens["base_28_cfg"], 128, g, c), 2),
         "models": {"base": str(base), "distilled": str(distilled)},
     }

@@ -15,6 +15,9 @@ For scenes spread over the 10 tiers (a grammar prompt, the solver's layout as gr
   relation outcome is not decided by cells alone (outside the 45-degree cone but in the right direction)
   are redrawn;
 * ms_per_image: render + detect, wall time per image (numpy, one thread).
+
+With a varied `appearance` (config `world.appearance`), every ground-truth object gets a random look
+(size, offset, orientation, anti-aliasing) and corrupted copies keep the looks of the objects they keep.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ def suite_metadata(n_per_tier: int, geneval_n: int, seed: int = 0, grid: int = G
 
 def render_suite(metadata: list[dict], out, samples: int = 1, seed: int = 0, grid: int = GRID,
                  cell: int = CELL, where: str = "metadata", owner: str = "world render-suite",
-                 legacy=None) -> bool:
-    """Ground truth for every prompt in GenEval's layout: `samples` solver layouts per prompt, rendered, written
-    as one folder that replaces `out` whole (see write_geneval_folder; `out` is checked before any work).
-    A prompt the world cannot draw raises ClvrError naming its line. True when an earlier suite was replaced."""
+                 legacy=None, appearance=None) -> bool:
+    """Ground truth for every prompt in GenEval's layout: `samples` solver layouts per prompt (with random looks
+    when `appearance` is varied), rendered, written as one folder that replaces `out` whole (see
+    write_geneval_folder; `out` is checked before any work). A prompt the world cannot draw raises ClvrError
+    naming its line. True when an earlier suite was replaced."""
     from clvr.io import claim_dir
     from clvr.judge import write_geneval_folder
     from clvr.world.render import render
@@ -59,23 +63,26 @@ def render_suite(metadata: list[dict], out, samples: int = 1, seed: int = 0, gri
     images = []
     for i, md in enumerate(metadata):
         try:
-            scenes = [solve(md, grid, rng=np.random.default_rng([seed, i, k])) for k in range(samples)]
+            rngs = [np.random.default_rng([seed, i, k]) for k in range(samples)]
+            scenes = [solve(md, grid, rng=r, appearance=appearance) for r in rngs]
         except Unsatisfiable as e:
             raise Unsatisfiable(f"{where} line {i + 1} ('{md.get('prompt', '')}'): {e}") from None
         images.append([render(s, cell) for s in scenes])
     return write_geneval_folder(out, metadata, images, owner, legacy)
 
 
-def cell_relation(a: Obj, b: Obj, rel: str) -> bool | None:
-    """True inside the direction's cone, False when not strictly in that direction, None in between."""
+def cell_relation(a: Obj, b: Obj, rel: str, varied: bool = False) -> bool | None:
+    """True inside the direction's cone, False when not strictly in that direction, None in between. With
+    varied looks the cone's diagonal edge is None too: offsets inside the cells decide it there."""
     if strict_relation(a.cell, b.cell, rel):
-        return True
+        diagonal = abs(a.row - b.row) == abs(a.col - b.col)
+        return None if varied and diagonal else True
     dr, dc = a.row - b.row, a.col - b.col
     ahead = {"above": dr < 0, "below": dr > 0, "left of": dc < 0, "right of": dc > 0}[rel]
     return None if ahead else False
 
 
-def expected_verdict(metadata: dict, scene: Scene) -> bool | None:
+def expected_verdict(metadata: dict, scene: Scene, varied: bool = False) -> bool | None:
     """The prompt's verdict on a scene from its objects alone (None if a relation is undecided by cells)."""
     objs = sorted(scene.objects, key=lambda o: o.cell)
 
@@ -93,13 +100,13 @@ def expected_verdict(metadata: dict, scene: Scene) -> bool | None:
             if target is None:
                 ok = False
             else:
-                outcomes = [cell_relation(a, b, rel) for a in found for b in target]
+                outcomes = [cell_relation(a, b, rel, varied) for a in found for b in target]
                 ok = False if False in outcomes else (None if None in outcomes else True)
         if ok is False:
             verdict = False
         elif ok is None and verdict is not False:
             verdict = None
-        groups.append(found if ok else None)
+        groups.append(found if ok is not False else None)  # undecided: its objects are still there
     for e in metadata.get("exclude", []):
         if len(pool(e)) >= int(e["count"]):
             return False
@@ -117,7 +124,7 @@ def corrupt(scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
     return scene.remove(o.cell)
 
 
-def run_bench(n: int = 1000, seed: int = 0, grid: int = GRID, cell: int = CELL) -> dict:
+def run_bench(n: int = 1000, seed: int = 0, grid: int = GRID, cell: int = CELL, appearance=None) -> dict:
     from clvr.judge import judge
     from clvr.world.detector import detect, scene_detections
     from clvr.world.grammar import TIERS, sample_prompt
@@ -125,18 +132,19 @@ def run_bench(n: int = 1000, seed: int = 0, grid: int = GRID, cell: int = CELL) 
     from clvr.world.solver import solve
 
     rng = np.random.default_rng(seed)
+    varied = appearance is not None and appearance.varied
     images = exact = checks = agree = corrupted_fail = corrupted = 0
     seconds = 0.0
     disagreements: list[str] = []
     for i in range(n):
         tier = TIERS[i % len(TIERS)]
         md = sample_prompt(tier, rng, grid)
-        truth = solve(md, grid, rng=rng)
+        truth = solve(md, grid, rng=rng, appearance=appearance)
         cases = [("truth", truth, True)]
         for kind in CORRUPTIONS:
             for _ in range(20):  # redraw corruptions whose answer cells alone do not decide
                 bad = corrupt(truth, kind, rng)
-                known = expected_verdict(md, bad)
+                known = expected_verdict(md, bad, varied)
                 if known is not None:
                     cases.append((kind, bad, known))
                     corrupted += 1
@@ -156,11 +164,14 @@ def run_bench(n: int = 1000, seed: int = 0, grid: int = GRID, cell: int = CELL) 
     return {"scenes": n, "images": images, "detector_accuracy": round(exact / images, 4),
             "judge_agreement": round(agree / checks, 4), "judge_checks": checks,
             "corrupted_failing": round(corrupted_fail / max(1, corrupted), 4),
-            "ms_per_image": round(1000 * seconds / images, 3), "disagreements": disagreements}
+            "ms_per_image": round(1000 * seconds / images, 3),
+            "appearance": "varied" if varied else "fixed",
+            "disagreements": disagreements}
 
 
-def tier_figure(path, seed: int = 0, grid: int = GRID, cell: int = CELL) -> None:
-    """A PNG of one seeded grammar prompt per tier, rendered from the solver's layout, with its prompt."""
+def tier_figure(path, seed: int = 0, grid: int = GRID, cell: int = CELL, appearance=None) -> None:
+    """A PNG of one seeded grammar prompt per tier, rendered from the solver's layout (with random looks
+    when `appearance` is varied), with its prompt."""
     import textwrap
 
     import matplotlib
@@ -177,7 +188,7 @@ def tier_figure(path, seed: int = 0, grid: int = GRID, cell: int = CELL) -> None
     for ax, tier in zip(axes.flat, TIERS):
         rng = np.random.default_rng([seed, tier])
         md = sample_prompt(tier, rng, grid)
-        ax.imshow(render(solve(md, grid, rng=rng), cell), interpolation="nearest")
+        ax.imshow(render(solve(md, grid, rng=rng, appearance=appearance), cell), interpolation="nearest")
         ax.set_xticks([]), ax.set_yticks([])
         ax.set_title(f"tier {tier} (C_task {md['c_task']:g})", fontsize=11)
         ax.set_xlabel("\n".join(textwrap.wrap(md["prompt"], 38)), fontsize=8)

@@ -1,12 +1,58 @@
-"""Scenes: objects on a grid. A scene is immutable; edits return a new scene."""
+"""Scenes: objects on a grid. A scene is immutable; edits return a new scene.
+
+An object may carry a `Look` (its size, offset and orientation inside its cell, see clvr.world.render). The
+look is appearance only: it takes no part in equality, hashing or order, so a scene read back by the detector
+(no looks) equals the scene it was drawn from, and every prompt, relation and judge verdict ignores it.
+Edits keep a look (recolour, move); an added object has none until `clvr.world.render.vary` gives it one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from clvr.world.vocab import COLORS, GRID, SHAPES
 
 Cell = tuple[int, int]  # (row, col), row 0 at the top
+
+LOOK_UNIT = 32  # sizes and offsets are whole 1/32ths of a cell, so looks form a finite set
+ANGLE_STEP = 15  # degrees
+
+
+@dataclass(frozen=True)
+class Look:
+    """How one object is drawn inside its cell, in units of 1/LOOK_UNIT cell: `r` the circumradius (the
+    shape, at any angle, lies inside the disc of radius r around its centre), `dy`/`dx` the centre's offset
+    from the cell centre, `angle` the rotation in degrees (a multiple of ANGLE_STEP), `aa` anti-aliased edges."""
+
+    r: int
+    dy: int = 0
+    dx: int = 0
+    angle: int = 0
+    aa: bool = False
+
+    def to_list(self) -> list:
+        return [self.r, self.dy, self.dx, self.angle, int(self.aa)]
+
+    @staticmethod
+    def from_list(v: list) -> "Look":
+        r, dy, dx, angle, aa = v
+        return Look(int(r), int(dy), int(dx), int(angle), bool(aa))
+
+    def code(self) -> int:
+        """A unique integer >= 1 per look (0 is left for the canonical sprite); `from_code` inverts it."""
+        c = self.r
+        c = c * LOOK_UNIT + (self.dy + LOOK_UNIT // 2)
+        c = c * LOOK_UNIT + (self.dx + LOOK_UNIT // 2)
+        c = c * (360 // ANGLE_STEP) + (self.angle % 360) // ANGLE_STEP
+        return 1 + c * 2 + int(self.aa)
+
+    @staticmethod
+    def from_code(code: int) -> "Look":
+        c, aa = divmod(code - 1, 2)
+        c, a = divmod(c, 360 // ANGLE_STEP)
+        c, dx = divmod(c, LOOK_UNIT)
+        r, dy = divmod(c, LOOK_UNIT)
+        return Look(r, dy - LOOK_UNIT // 2, dx - LOOK_UNIT // 2, a * ANGLE_STEP, bool(aa))
 
 
 @dataclass(frozen=True, order=True)
@@ -15,17 +61,22 @@ class Obj:
     color: str
     row: int
     col: int
+    look: Look | None = field(default=None, compare=False)  # None = the canonical sprite at the cell centre
 
     @property
     def cell(self) -> Cell:
         return (self.row, self.col)
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "row": self.row, "col": self.col}
+        d = {"shape": self.shape, "color": self.color, "row": self.row, "col": self.col}
+        if self.look is not None:
+            d["look"] = self.look.to_list()
+        return d
 
     @staticmethod
     def from_dict(d: dict) -> "Obj":
-        return Obj(d["shape"], d["color"], int(d["row"]), int(d["col"]))
+        look = Look.from_list(d["look"]) if d.get("look") is not None else None
+        return Obj(d["shape"], d["color"], int(d["row"]), int(d["col"]), look)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,10 @@
 
 rng=None gives a canonical layout (cells in raster order); a Generator gives a random one, deterministic
 given its state. Search is bounded (`MAX_NODES`), which only matters for near-impossible prompts.
+
+With a varied `appearance` (config `world.appearance`), the layout's objects get random looks (`dress`),
+redrawn until the judge accepts the drawn boxes: an offset can move a diagonal neighbour out of GenEval's
+relation, so looks are checked like layouts are, and the verdict of every prompt stays what it was.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from clvr.world.vocab import CELL, COLORS, GRID, SHAPES, count_noun, plural
 
 MAX_NODES = 4000  # search steps per relation mode (all colourings together)
 MAX_COLORINGS = 4
+LOOK_TRIES = 32  # random look sets tried per layout before the objects that break it are drawn canonically
 
 
 class Unsatisfiable(ClvrError):
@@ -48,8 +53,9 @@ def strict_relation(a: Cell, b: Cell, rel: str) -> bool:
     raise ValueError(f"unknown relation {rel!r}")
 
 
-def solve(metadata: dict, grid: int = GRID, rng: np.random.Generator | None = None) -> Scene:
-    """A scene satisfying every include/exclude/position constraint of `metadata` under the judge's rules."""
+def solve(metadata: dict, grid: int = GRID, rng: np.random.Generator | None = None, appearance=None) -> Scene:
+    """A scene satisfying every include/exclude/position constraint of `metadata` under the judge's rules
+    (with random looks the judge accepts, when `appearance` is varied)."""
     include = list(metadata.get("include", []))
     exclude = list(metadata.get("exclude", []))
     _check_vocabulary(include + exclude)
@@ -62,10 +68,27 @@ def solve(metadata: dict, grid: int = GRID, rng: np.random.Generator | None = No
         for colors in colorings:
             scene = _place(metadata, include, colors, grid, rng, mode, budget)
             if scene is not None:
-                return scene
+                return dress(metadata, scene, rng, appearance)
     rels = [f"{_desc(c)} {c['position'][0]} {_desc(include[c['position'][1]])}" for c in include if "position" in c]
     why = "; ".join(rels) if rels else "the prompt"
     raise Unsatisfiable(f"no layout of {total} objects on the {grid}x{grid} grid satisfies {why}")
+
+
+def dress(metadata: dict, scene: Scene, rng: np.random.Generator | None, appearance) -> Scene:
+    """`scene` (accepted by the judge) with random looks that the judge still accepts on their drawn boxes;
+    after LOOK_TRIES refusals, the canonical drawing (accepted by construction). Unchanged when not varied."""
+    from clvr.judge import judge
+    from clvr.world.detector import scene_detections
+    from clvr.world.render import vary
+
+    if appearance is None or not appearance.varied:
+        return scene
+    rng = np.random.default_rng(0) if rng is None else rng
+    for _ in range(LOOK_TRIES):
+        dressed = vary(scene, rng, appearance)
+        if judge(metadata, scene_detections(dressed))[0]:
+            return dressed
+    return scene
 
 
 def _desc(c: dict) -> str:
