@@ -24,7 +24,9 @@ app.add_typer(pipeline_app, name="pipeline")
 
 SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
 QUIET_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-             "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+             "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+             # Prefect's temporary server can take longer than its default 20 s to start on 2 busy cores
+             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}
 
 
 def project_root() -> Path:
