@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from clvr.errors import ClvrError
+from tasks.dvc import stop_group
 
 SERVER_DIR = Path("runs") / "prefect"  # the managed server's database and log, inside the project
 
@@ -53,20 +54,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _stop(p: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM the server's process group (uvicorn and its services), SIGKILL it after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            p.wait(grace_s)
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _die_with_parent() -> None:
@@ -111,7 +98,7 @@ def managed_server(root: Path, port: int, start_timeout_s: float = 120.0) -> Ite
             time.sleep(0.5)
         yield api_url
     finally:
-        _stop(p)
+        stop_group(p, grace_s=20.0)  # uvicorn and its services
 
 
 @contextlib.contextmanager

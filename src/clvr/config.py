@@ -83,15 +83,11 @@ class WorldCfg:
     appearance: AppearanceCfg = field(default_factory=AppearanceCfg)
 
     def check(self, name: str) -> None:
-        need(self.grid >= 2, f"{name}.grid", ">= 2", self.grid)
-        need(self.cell >= 8, f"{name}.cell", ">= 8 pixels", self.cell)
+        need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)
+        need(8 <= self.cell <= 128, f"{name}.cell", "in 8..128 pixels", self.cell)
         need(self.cell >= 16 or not self.appearance.varied, f"{name}.cell",
              ">= 16 pixels when world.appearance.varied is true (smaller turned shapes are not told apart)", self.cell)
         self.appearance.check(f"{name}.appearance")
-
-    def check(self, name: str) -> None:
-        need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)
-        need(8 <= self.cell <= 128, f"{name}.cell", "in 8..128 pixels", self.cell)
 
 
 @dataclass
@@ -115,6 +111,17 @@ class GeneratorCfg:
              f"a multiple of 8 x {name}.heads ({8 * self.heads}: 4 even RoPE axes per head)", self.hidden)
         need(self.text_hidden % 4 == 0, f"{name}.text_hidden", "a multiple of 4 (2 heads of even size)",
              self.text_hidden)
+
+
+def check_data_mix(sec: Any, name: str) -> None:
+    """The training-data keys pretrain and distill share: global batch, edit mix, text-to-image tier weights."""
+    check_global_batch(sec.batch_size, f"{name}.batch_size")
+    p = sec.op_probs
+    need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
+         "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
+    w = sec.tier_weights
+    need(1 <= len(w) <= 10 and all(at_least(0)(x) for x in w) and sum(w) > 0, f"{name}.tier_weights",
+         "1..10 weights >= 0 (tiers 1..) with a positive sum", list(w))
 
 
 @dataclass
@@ -145,13 +152,7 @@ class PretrainCfg:
     seed: int = 0
 
     def check(self, name: str) -> None:
-        check_global_batch(self.batch_size, f"{name}.batch_size")
-        p = self.op_probs
-        need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
-             "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
-        w = self.tier_weights
-        need(1 <= len(w) <= 10 and all(at_least(0)(x) for x in w) and sum(w) > 0, f"{name}.tier_weights",
-             "1..10 weights >= 0 (tiers 1..) with a positive sum", list(w))
+        check_data_mix(self, name)
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size max_objects log_every eval_every ckpt_every eval_trials eval_steps "
                  "threads", at_least(1), ">= 1")
@@ -243,18 +244,13 @@ class DistillCfg:
     weight_decay: float = 0.0
 
     def check(self, name: str) -> None:
-        check_global_batch(self.batch_size, f"{name}.batch_size")
-        p = self.op_probs
-        need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
-             "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
-        need(self.nfe >= 1, f"{name}.nfe", ">= 1", self.nfe)
-
-    def check(self, name: str) -> None:
+        check_data_mix(self, name)
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size log_every eval_every eval_trials threads nfe teacher_steps "
-                 "ckpt_every", at_least(1), ">= 1")
-        need_all(self, name, "warmup guidance", at_least(0), ">= 0")
-        need(positive(self.lr), f"{name}.lr", "> 0", self.lr)
+                 "ckpt_every max_objects", at_least(1), ">= 1")
+        need_all(self, name, "warmup guidance prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
+        need_all(self, name, "lr changed_weight", positive, "> 0")
+        need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
         need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
 
 
