@@ -334,9 +334,11 @@ def test_prefect_yaml_deploys_retrain_on_cron_and_work_pools():
 def test_local_cron_deployment():
     from flows.retrain import local_deployment
 
-    dep = local_deployment("0 3 * * 0", "cpu", str(ROOT))
-    assert dep.flow_name == "retrain" and dep.parameters == {"profile": "cpu", "root": str(ROOT)}
+    dep = local_deployment("cpu", str(ROOT), cron="0 3 * * 0", overrides=["eval.n_per_tier=3"])
+    assert dep.flow_name == "retrain" and dep.parameters == {"profile": "cpu", "root": str(ROOT),
+                                                             "overrides": ["eval.n_per_tier=3"], "dry_run": False}
     assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * 0"]
+    assert dep.concurrency_limit == 1  # overlap policy: one run of the deployment at a time
 
 
 def test_kubernetes_manifests_parse():
