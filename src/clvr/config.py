@@ -83,15 +83,11 @@ class WorldCfg:
     appearance: AppearanceCfg = field(default_factory=AppearanceCfg)
 
     def check(self, name: str) -> None:
-        need(self.grid >= 2, f"{name}.grid", ">= 2", self.grid)
-        need(self.cell >= 8, f"{name}.cell", ">= 8 pixels", self.cell)
         need(self.cell >= 16 or not self.appearance.varied, f"{name}.cell",
              ">= 16 pixels when world.appearance.varied is true (smaller turned shapes are not told apart)", self.cell)
-        self.appearance.check(f"{name}.appearance")
-
-    def check(self, name: str) -> None:
         need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)
         need(8 <= self.cell <= 128, f"{name}.cell", "in 8..128 pixels", self.cell)
+        self.appearance.check(f"{name}.appearance")
 
 
 @dataclass
@@ -141,6 +137,9 @@ class PretrainCfg:
     ckpt_every: int = 250
     eval_trials: int = 50
     eval_steps: int = 4  # sampling steps (no CFG) for the quick in-training evaluation
+    # 0: t ~ logit-normal (+15 % at t = 1); k >= 1: t drawn only from the k sigmas a k-step sampler visits (the
+    # baseline "base trained at 4 steps" with k = 4)
+    train_sigmas: int = 0
     threads: int = 1  # torch threads (1 is fastest on a small shared CPU)
     seed: int = 0
 
@@ -155,7 +154,7 @@ class PretrainCfg:
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size max_objects log_every eval_every ckpt_every eval_trials eval_steps "
                  "threads", at_least(1), ">= 1")
-        need_all(self, name, "warmup prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
+        need_all(self, name, "warmup prompt_pool weight_decay gate_weight train_sigmas", at_least(0), ">= 0")
         need_all(self, name, "lr changed_weight", positive, "> 0")
         need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
@@ -213,6 +212,9 @@ class EngineCfg:
         need(self.grad_clip >= 0, f"{name}.grad_clip", ">= 0", self.grad_clip)
 
 
+DISTILL_METHODS = ("guidance", "progressive")
+
+
 @dataclass
 class DistillCfg:
     out: str = "runs/distill"
@@ -241,6 +243,11 @@ class DistillCfg:
     gate_weight: float = 0.5
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
+    # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the shipped recipe);
+    # progressive: one student step = two teacher steps, in `rounds` halving rounds (Salimans & Ho 2022), for a
+    # multimodal target (the varied world). See clvr.train.distill.
+    method: str = "guidance"
+    rounds: int = 1  # progressive only: the first teacher samples at nfe * 2**rounds steps (+ CFG `guidance`)
 
     def check(self, name: str) -> None:
         check_global_batch(self.batch_size, f"{name}.batch_size")
@@ -248,8 +255,10 @@ class DistillCfg:
         need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
              "4 probabilities (add, remove, recolor, move) summing to 1", list(p))
         need(self.nfe >= 1, f"{name}.nfe", ">= 1", self.nfe)
-
-    def check(self, name: str) -> None:
+        need(self.method in DISTILL_METHODS, f"{name}.method", f"one of {list(DISTILL_METHODS)}", self.method)
+        need(1 <= self.rounds <= 6, f"{name}.rounds", "in 1..6", self.rounds)
+        need(self.steps >= self.rounds, f"{name}.steps", f">= {name}.rounds ({self.rounds}: each round trains)",
+             self.steps)
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size log_every eval_every eval_trials threads nfe teacher_steps "
                  "ckpt_every", at_least(1), ">= 1")
