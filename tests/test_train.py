@@ -192,6 +192,12 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     t2, t2n = torch.full((8,), 0.75), torch.full((8,), 0.5)
     inner = distill.two_teacher_steps(tp, x_t, t2, t2n, cond, 1.0, edit)
     torch.testing.assert_close(distill.euler(x_t, inner["x0"], t2, t2n), inner["x_next"], rtol=0, atol=1e-5)
+    # nested grids: round r's student grid is round r+1's with every interval halved, so the teacher's two steps
+    # are the previous student's own; the last round samples on the sampler's nfe-step grid
+    grids = distill.ProgressiveLoss(ci(tmp_path, "distill.rounds=3"), tp, None).grids
+    assert [len(g) for g in grids] == [17, 9, 5]
+    assert torch.equal(grids[0][::2], grids[1]) and torch.equal(grids[1][::2], grids[2])
+    assert torch.equal(grids[2], pretrain.sampler_sigmas(tp.scheduler.config, 4))
     # with CFG the teacher's x0 is the guided one (w = 3 differs from w = 1)
     cond_u = Cond(ref, region, cond.text, tp.encode_text([""] * 8))
     assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4

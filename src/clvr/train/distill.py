@@ -21,9 +21,10 @@ Why this method: the model predicts x0, which is the parameterisation Salimans &
 two-step target is an x0, see `x0_target`), it needs only the frozen teacher (no EMA target network, unlike
 consistency distillation, Song et al. 2023, whose EMA state a resume would also have to restore) and two
 teacher evaluations per sample (4 with CFG, batched as 2), the cheapest of the multimodal-safe methods on CPU.
-The student's grid at N steps is the sampler's (`FlowMatchEulerDiscreteScheduler` at N steps); the teacher's
-two steps from sigma s_i to s_{i+1} go through the midpoint (s_i + s_{i+1}) / 2, as in the paper's uniform
-grid. The teacher's x0 is composed with its gate exactly as `WorldPipeline.sample` does (the grounded
+The last round's student grid is the sampler's at `nfe` steps (`FlowMatchEulerDiscreteScheduler`), and each
+earlier round's grid is the next one with every interval split at its midpoint (`refine`), as in the paper's
+halving of a uniform grid: the teacher's two steps from s_i to s_{i+1} go through the midpoint, which are
+exactly the two steps the previous round's student was trained to take. The teacher's x0 is composed with its gate exactly as `WorldPipeline.sample` does (the grounded
 regions for grounded edits, its first gate > 0.5 for other edits, its soft gate for text-to-image); the
 student's x0, composed with the same mask, is matched to the target, and its gate to the teacher's.
 At a round's first step rank 0 saves the student as `<out>/rounds/round-<r>/` (the next teacher), so a
@@ -135,6 +136,12 @@ def two_teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_n
     return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "mask": mask}
 
 
+def refine(grid: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) sigmas -> (2n + 1,): every interval split at its midpoint (the previous round's student grid)."""
+    mids = (grid[:-1] + grid[1:]) / 2
+    return torch.cat([torch.stack([grid[:-1], mids], 1).flatten(), grid[-1:]])
+
+
 class ProgressiveLoss:
     """Progressive distillation (see the module docstring): round r of `rounds`, from the global step."""
 
@@ -142,8 +149,9 @@ class ProgressiveLoss:
         d = cfg.distill
         self.cfg, self.base, self.out = cfg, teacher, out
         self.teacher, self.round = teacher, 0
-        self.grids = [sampler_sigmas(teacher.scheduler.config, d.nfe * 2 ** (d.rounds - 1 - r))
-                      for r in range(d.rounds)]
+        self.grids = [sampler_sigmas(teacher.scheduler.config, d.nfe)]  # the last round's: the sampler's
+        while len(self.grids) < d.rounds:
+            self.grids.insert(0, refine(self.grids[0]))
 
     def round_of(self, step: int) -> int:
         d = self.cfg.distill
