@@ -148,6 +148,124 @@ def run_ok(cmd: list[str]) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+def progressive_rows(cfg, step: int = 0) -> loop.Rows:
+    from clvr.train.data import PromptSource as PS
+
+    src = PS(cfg.world.grid, cfg.distill.tier_weights, cfg.distill.prompt_pool, cfg.distill.seed)
+    return loop.draw_rows(cfg.distill, src, cfg.world.grid, step, 0, 8, 0.0)
+
+
+def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
+    """Salimans & Ho: the student's x0 target is the x0 whose one Euler step from t lands where two teacher
+    steps (via the midpoint) land; on the last interval (to sigma 0) it is the teacher's composed x0 at the
+    midpoint. Checked against the teacher's own predict calls, at a fixed seed, grounded edits and
+    text-to-image alike."""
+    from clvr.models.pipeline import Cond
+    from clvr.train.data import tokens
+
+    cfg = ci(tmp_path)
+    tp = pretrain.build_pipeline(cfg)
+    tp.transformer.eval(), tp.text_encoder.eval()
+    b = progressive_rows(cfg).batch
+    x0, ref = tokens(b.x0), tokens(b.ref)
+    region, edit = torch.from_numpy(b.region), torch.from_numpy(b.edit)
+    assert edit.any() and (~edit).any()
+    g = torch.Generator().manual_seed(0)
+    x_t = 0.5 * x0 + 0.5 * torch.randn(x0.shape, generator=g)
+    t, t_next = torch.full((8,), 0.5), torch.zeros(8)
+    cond = Cond(ref, region, tp.encode_text(b.texts))
+    out = distill.two_teacher_steps(tp, x_t, t, t_next, cond, 1.0, edit)
+    with torch.no_grad():  # by hand: step a at t, step b at the midpoint 0.25, with the sampler's masks
+        new_a, gate_a = tp.predict(x_t, t, cond)
+        grounded = (edit & (region.sum(1) > 0))[:, None]
+        hard = torch.where(grounded, region, (gate_a > 0).float())
+        m_a = torch.where(edit[:, None], hard, torch.sigmoid(gate_a))
+        x0_a = ref + m_a[..., None] * (new_a - ref)
+        x_mid = x_t - 0.25 * (x_t - x0_a) / 0.5
+        new_b, gate_b = tp.predict(x_mid, torch.full((8,), 0.25), cond)
+        m_b = torch.where(edit[:, None], hard, torch.sigmoid(gate_b))
+        x0_b = ref + m_b[..., None] * (new_b - ref)
+    torch.testing.assert_close(out["x0"], x0_b, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out["x_next"], x0_b, rtol=0, atol=1e-5)
+    assert (x0_b - x0_a).abs().max() > 1e-3  # two steps differ from one: the check could fail
+    # an inner interval: one student Euler step with the target lands on the teacher's two-step result
+    t2, t2n = torch.full((8,), 0.75), torch.full((8,), 0.5)
+    inner = distill.two_teacher_steps(tp, x_t, t2, t2n, cond, 1.0, edit)
+    torch.testing.assert_close(distill.euler(x_t, inner["x0"], t2, t2n), inner["x_next"], rtol=0, atol=1e-5)
+    # nested grids: round r's student grid is round r+1's with every interval halved, so the teacher's two steps
+    # are the previous student's own; the last round samples on the sampler's nfe-step grid
+    grids = distill.ProgressiveLoss(ci(tmp_path, "distill.rounds=3"), tp, None).grids
+    assert [len(g) for g in grids] == [17, 9, 5]
+    assert torch.equal(grids[0][::2], grids[1]) and torch.equal(grids[1][::2], grids[2])
+    assert torch.equal(grids[2], pretrain.sampler_sigmas(tp.scheduler.config, 4))
+    # with CFG the teacher's x0 is the guided one (w = 3 differs from w = 1)
+    cond_u = Cond(ref, region, cond.text, tp.encode_text([""] * 8))
+    assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4
+
+
+def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
+    """Two rounds of 2 steps (teacher at 16 steps + CFG, then the round-1 student's copy at 8 -> student at 4):
+    the round-1 teacher is saved at the boundary and is the student as it was then; a run that dies in round 1
+    after the step-3 checkpoint resumes with that teacher and ends on the same weights as an unbroken run."""
+    over = ["distill.method=progressive", "distill.rounds=2", "distill.ckpt_every=1"]
+    pre = tmp_path / "pre"
+    pretrain.run(ci(pre))
+    teacher = f"distill.teacher={pre / 'pre' / 'final'}"
+    straight = distill.run(ci(tmp_path / "a", teacher, *over))
+    m = json.loads((tmp_path / "a" / "dist" / "metrics.json").read_text())
+    assert m["train_round"] == 1.0 and np.isfinite(m["train_loss"])
+    rounds = tmp_path / "a" / "dist" / "rounds"
+    assert [p.name for p in rounds.iterdir()] == ["round-1"]
+    # the saved teacher is the student at step 2 (the boundary): the step-2 checkpoint's model
+    # (only the newest 2 checkpoints are kept, so rerun to step 2 to compare)
+    cfg_b = ci(tmp_path / "b", teacher, *over)
+    real_step = loop.Trainer.train_step
+
+    def dying_step(self):  # dies during step 4, after the step-3 checkpoint (inside round 1)
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        distill.run(cfg_b)
+    b_dist = tmp_path / "b" / "dist"
+    at2 = weights(b_dist / "checkpoints" / "step-000002" / "model")
+    assert max_diff(weights(b_dist / "rounds" / "round-1"), at2) == 0.0
+    assert max_diff(weights(b_dist / "rounds" / "round-1"), weights(pre / "pre" / "final")) > 0
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    resumed = distill.run(cfg_b)
+    assert max_diff(weights(resumed["final"]), weights(straight["final"])) == 0.0
+    # resuming inside round 1 without its teacher is a one-line error, not a silent wrong teacher
+    import shutil
+
+    shutil.rmtree(b_dist / "rounds")
+    (b_dist / "final").rename(b_dist / "old-final")
+    with pytest.raises(CheckpointError, match="round-1"):
+        distill.run(ci(tmp_path / "b", teacher, *over, "distill.steps=5", "distill.rounds=2"))
+
+
+def test_base_trained_at_4_steps_draws_t_only_at_the_sampler_sigmas(tmp_path):
+    cfg = ci(tmp_path, "pretrain.train_sigmas=4")
+    tr = pretrain.trainer(cfg, out=None)
+    loss = tr.loss
+    grid = pretrain.sampler_sigmas(tr.pipe.scheduler.config, 4)[:4].tolist()
+    draws = {loss.t_of(tr.pipe)(np.random.default_rng(i)) for i in range(200)}
+    assert draws == set(grid) and len(grid) == 4 and grid[0] == 1.0
+    assert np.isfinite(tr.train_step()["loss"])
+    assert pretrain.PretrainLoss(ci(tmp_path)).t_of(tr.pipe) is pretrain.logit_normal_t
+
+
+def test_distill_method_and_rounds_are_checked():
+    with pytest.raises(ConfigError, match="distill.method"):
+        load_config("ci", ["distill.method=reflow"])
+    with pytest.raises(ConfigError, match="distill.rounds"):
+        load_config("ci", ["distill.rounds=0"])
+    with pytest.raises(ConfigError, match="distill.steps"):
+        load_config("ci", ["distill.rounds=5"])  # ci distills 4 steps: a round would get none
+    assert load_config("release").distill.method == "guidance"  # the shipped recipe is unchanged
+
+
 def kill_after_checkpoint(cmd: list[str], out, delay: float) -> None:
     """Start `cmd` in its own process group; `delay` s after the step-2 checkpoint appears, SIGKILL every
     process of it (launcher and ranks alike)."""

@@ -148,6 +148,9 @@ class PretrainCfg:
     ckpt_every: int = 250
     eval_trials: int = 50
     eval_steps: int = 4  # sampling steps (no CFG) for the quick in-training evaluation
+    # 0: t ~ logit-normal (+15 % at t = 1); k >= 1: t drawn only from the k sigmas a k-step sampler visits (the
+    # baseline "base trained at 4 steps" with k = 4)
+    train_sigmas: int = 0
     threads: int = 1  # torch threads (1 is fastest on a small shared CPU)
     seed: int = 0
 
@@ -156,7 +159,7 @@ class PretrainCfg:
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size max_objects log_every eval_every ckpt_every eval_trials eval_steps "
                  "threads", at_least(1), ">= 1")
-        need_all(self, name, "warmup prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
+        need_all(self, name, "warmup prompt_pool weight_decay gate_weight train_sigmas", at_least(0), ">= 0")
         need_all(self, name, "lr changed_weight", positive, "> 0")
         need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
@@ -214,6 +217,9 @@ class EngineCfg:
         need(self.grad_clip >= 0, f"{name}.grad_clip", ">= 0", self.grad_clip)
 
 
+DISTILL_METHODS = ("guidance", "progressive")
+
+
 @dataclass
 class DistillCfg:
     out: str = "runs/distill"
@@ -242,9 +248,18 @@ class DistillCfg:
     gate_weight: float = 0.5
     min_lr_frac: float = 0.1
     weight_decay: float = 0.0
+    # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the shipped recipe);
+    # progressive: one student step = two teacher steps, in `rounds` halving rounds (Salimans & Ho 2022), for a
+    # multimodal target (the varied world). See clvr.train.distill.
+    method: str = "guidance"
+    rounds: int = 1  # progressive only: the first teacher samples at nfe * 2**rounds steps (+ CFG `guidance`)
 
     def check(self, name: str) -> None:
         check_data_mix(self, name)
+        need(self.method in DISTILL_METHODS, f"{name}.method", f"one of {list(DISTILL_METHODS)}", self.method)
+        need(1 <= self.rounds <= 6, f"{name}.rounds", "in 1..6", self.rounds)
+        need(self.steps >= self.rounds, f"{name}.steps", f">= {name}.rounds ({self.rounds}: each round trains)",
+             self.steps)
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need_all(self, name, "steps batch_size log_every eval_every eval_trials threads nfe teacher_steps "
                  "ckpt_every max_objects", at_least(1), ">= 1")

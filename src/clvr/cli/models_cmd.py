@@ -28,7 +28,8 @@ def pretrain(overrides: Optional[List[str]] = Overrides, profile: str = ProfileO
 
 @world_app.command("distill")
 def distill(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
-    """Distill the base into a 4-NFE student, guidance folded in. Last line: JSON metrics."""
+    """Distill the base into a 4-NFE student without CFG (distill.method: guidance | progressive). Last line: JSON
+    metrics."""
     from clvr.train.distill import run
 
     res = run(load_config(profile, overrides, uses=DISTILL_USES, command="world distill"))

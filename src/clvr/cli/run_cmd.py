@@ -29,7 +29,8 @@ def run(profile: str = ProfileOpt) -> None:
     out = Path(m.out)
     mds = suite_metadata(m.n_per_tier, m.geneval_n, m.seed, cfg.world.grid)
     write_jsonl(out / "metadata.jsonl", mds)
-    render_suite(mds, out / "suite", m.samples, m.seed, cfg.world.grid, cfg.world.cell)
+    render_suite(mds, out / "suite", m.samples, m.seed, cfg.world.grid, cfg.world.cell,
+                 appearance=cfg.world.appearance)
     summary = score_folder(out / "suite", grid=cfg.world.grid)
     print_summary(summary, f"main job ({profile}): world ground truth, GenEval-format judge")
     result = {"profile": profile, "out": str(out), "prompts": len(mds), **summary,

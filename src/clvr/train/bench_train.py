@@ -44,7 +44,8 @@ class PlainLoop:
         self.cfg, self.p = cfg, p
         self.rng = np.random.default_rng(p.seed)
         self.gen = torch.Generator().manual_seed(p.seed)
-        self.prompts = PromptSource(cfg.world.grid, p.tier_weights, p.prompt_pool, p.seed)
+        self.prompts = PromptSource(cfg.world.grid, p.tier_weights, p.prompt_pool, p.seed,
+                                    appearance=cfg.world.appearance)
         self.pipe = build_pipeline(cfg, p.init)
         self.params = [x for m in (self.pipe.transformer, self.pipe.text_encoder) for x in m.parameters()]
         self.opt = torch.optim.AdamW(self.params, lr=p.lr, betas=(0.9, 0.99), weight_decay=p.weight_decay)

@@ -1,20 +1,39 @@
-"""Distill the base into a 4-NFE student with guidance folded in (`clvr world distill`).
+"""Distill the base into a `nfe`-step student without CFG (`clvr world distill`), by one of two methods
+(`distill.method`).
 
-Method: guidance distillation at the student's own timesteps (Meng et al. 2023, "On distillation of guided
-diffusion models", stage 1, restricted to the `nfe` sigmas the student will sample at). The student (same
-architecture, initialised from the base, so Delta_distill = student - base is a meaningful weight delta for
-the later merge) learns to output, in one evaluation without CFG, the teacher's guided x0 prediction
-x0_u + w (x0_c - x0_u) and the teacher's gate, at x_t drawn from the forward process at those sigmas.
+`guidance` (the default; the shipped `distilled` was made with it): guidance distillation at the student's own
+timesteps (Meng et al. 2023, "On distillation of guided diffusion models", stage 1, restricted to the `nfe`
+sigmas the student will sample at). The student learns to output, in one evaluation without CFG, the teacher's
+guided x0 prediction x0_u + w (x0_c - x0_u) and the teacher's gate, at x_t drawn from the forward process at
+those sigmas. On the fixed world, where every prompt has one picture and the base's 4-step samples are already
+its 28-step ones, that is all 4 NFE lack. On a multimodal target (the varied world: many right pictures per
+prompt) it is not: the x0 prediction at a coarse sigma is the *mean* of the pictures still possible there, so
+a student that copies it takes the same blurred coarse steps as the base at `nfe` steps.
 
-Why this method and not progressive distillation / consistency / reflow: the base predicts clean images
-(x0) with one token per grid cell, and its 4-step samples are already close to its 28-step ones; what 4 NFE
-without CFG loses is the guidance (2 NFE per step) and fidelity at the four coarse sigmas. Matching the guided
-teacher exactly there closes that gap at 2 teacher NFE per sample, whereas progressive distillation needs
-log2(28/4) rounds of teacher sampling and consistency/reflow need full teacher trajectories, each costing more
-CPU than the whole pretrain.
+`progressive`: progressive distillation (Salimans & Ho 2022, "Progressive distillation for fast sampling of
+diffusion models", ICLR; with the guided teacher of Meng et al. 2023 in the first round). The student learns
+to take in one deterministic (Euler / DDIM) step what the teacher takes in two, so it follows the teacher's
+sampling *trajectories*, which end on one sharp picture each, instead of the teacher's one-step means. Rounds
+halve the steps: with `rounds` = R the first teacher is the base at nfe * 2^R steps with CFG `guidance`, each
+later round's teacher is the previous round's student (frozen, no CFG), and the last round's student samples
+at `nfe`. Round r runs global steps [r * steps / R, (r + 1) * steps / R).
+Why this method: the model predicts x0, which is the parameterisation Salimans & Ho recommend for it (the
+two-step target is an x0, see `x0_target`), it needs only the frozen teacher (no EMA target network, unlike
+consistency distillation, Song et al. 2023, whose EMA state a resume would also have to restore) and two
+teacher evaluations per sample (4 with CFG, batched as 2), the cheapest of the multimodal-safe methods on CPU.
+The last round's student grid is the sampler's at `nfe` steps (`FlowMatchEulerDiscreteScheduler`), and each
+earlier round's grid is the next one with every interval split at its midpoint (`refine`), as in the paper's
+halving of a uniform grid: the teacher's two steps from s_i to s_{i+1} go through the midpoint, which are
+exactly the two steps the previous round's student was trained to take. The teacher's x0 is composed with its gate exactly as `WorldPipeline.sample` does (the grounded
+regions for grounded edits, its first gate > 0.5 for other edits, its soft gate for text-to-image); the
+student's x0, composed with the same mask, is matched to the target, and its gate to the teacher's.
+At a round's first step rank 0 saves the student as `<out>/rounds/round-<r>/` (the next teacher), so a
+resume inside a later round reloads exactly the teacher it had.
 
-Every setting comes from the `distill` section (its data mix and loss weights included); it runs on the
-training engine through the same loop as pretrain. Each rank holds a frozen copy of the teacher.
+The student has the base's architecture and starts from it, so Delta_distill = student - base is a meaningful
+weight delta for the later merge. Every setting comes from the `distill` section (its data mix and loss
+weights included); it runs on the training engine through the same loop as pretrain, the method being the
+pluggable loss. Each rank holds a frozen copy of the teacher.
 """
 
 from __future__ import annotations
@@ -27,12 +46,14 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from clvr.config import Config
+from clvr.errors import CheckpointError
+from clvr.io import atomic_dir
 from clvr.models.pipeline import Cond, WorldPipeline
 from clvr.train import ckpt
 from clvr.train.data import tokens
 from clvr.train.engine import Engine
 from clvr.train.loop import Rows, Trainer
-from clvr.train.pretrain import EVAL_TIERS, noise, weighted_x0_loss
+from clvr.train.pretrain import EVAL_TIERS, noise, sampler_sigmas, weighted_x0_loss
 
 
 def teacher_path(cfg: Config) -> str:
@@ -69,6 +90,127 @@ class DistillLoss:
         return loss_x + d.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item()}
 
 
+def euler(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic sampler step from sigma t to t_next given the x0 prediction (as `WorldPipeline.sample`:
+    velocity (x - x0) / t). x, x0 (B, N, F); t, t_next (B,)."""
+    return x + (t_next - t)[:, None, None] * (x - x0) / t[:, None, None]
+
+
+def x0_target(x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, x_next: torch.Tensor) -> torch.Tensor:
+    """The x0 whose one Euler step from t lands on x_next at t_next: euler(x_t, x0_target(...), t, t_next)
+    == x_next (Salimans & Ho 2022, eq. 8 in x-prediction form)."""
+    return x_t - t[:, None, None] * (x_next - x_t) / (t_next - t)[:, None, None]
+
+
+@torch.no_grad()
+def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float,
+               edit: torch.Tensor, hard: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's composed x0 at (x, t) as its sampler forms it -> (x0, gate logits, hard mask). `hard`:
+    the edits' mask from the first step (None: this is the first step; grounded edits use their regions)."""
+    if guidance > 1.0:  # cond and uncond in one forward, as the sampler
+        pair = Cond(cond.ref.repeat(2, 1, 1), cond.region.repeat(2, 1), torch.cat([cond.text, cond.text_uncond]))
+        both, gates = tp.predict(x.repeat(2, 1, 1), t.repeat(2), pair)
+        (new, new_u), gate = both.chunk(2), gates[: len(x)]
+        new = new_u + guidance * (new - new_u)
+    else:
+        new, gate = tp.predict(x, t, cond)
+    p = torch.sigmoid(gate)
+    if hard is None:
+        grounded = edit[:, None] & (cond.region.sum(1, keepdim=True) > 0)
+        hard = torch.where(grounded, cond.region, (p > 0.5).float())
+    m = torch.where(edit[:, None], hard, p)
+    return cond.ref + m[..., None] * (new - cond.ref), gate, hard
+
+
+@torch.no_grad()
+def two_teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
+                      guidance: float, edit: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The teacher from sigma t to t_next in two Euler steps via the midpoint -> {x_next, x0 (the one-step
+    target), gate (the teacher's gate logits at x_t), mask (its composition mask at x_t)}."""
+    mid = (t + t_next) / 2
+    x0a, gate, hard = teacher_x0(tp, x_t, t, cond, guidance, edit, None)
+    x_mid = euler(x_t, x0a, t, mid)
+    x0b, _, _ = teacher_x0(tp, x_mid, mid, cond, guidance, edit, hard)
+    x_next = euler(x_mid, x0b, mid, t_next)
+    mask = torch.where(edit[:, None], hard, torch.sigmoid(gate))
+    return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "mask": mask}
+
+
+def refine(grid: torch.Tensor) -> torch.Tensor:
+    """(n + 1,) sigmas -> (2n + 1,): every interval split at its midpoint (the previous round's student grid)."""
+    mids = (grid[:-1] + grid[1:]) / 2
+    return torch.cat([torch.stack([grid[:-1], mids], 1).flatten(), grid[-1:]])
+
+
+class ProgressiveLoss:
+    """Progressive distillation (see the module docstring): round r of `rounds`, from the global step."""
+
+    def __init__(self, cfg: Config, teacher: WorldPipeline, out: Path | None):
+        d = cfg.distill
+        self.cfg, self.base, self.out = cfg, teacher, out
+        self.teacher, self.round = teacher, 0
+        self.grids = [sampler_sigmas(teacher.scheduler.config, d.nfe)]  # the last round's: the sampler's
+        while len(self.grids) < d.rounds:
+            self.grids.insert(0, refine(self.grids[0]))
+
+    def round_of(self, step: int) -> int:
+        d = self.cfg.distill
+        return min(d.rounds - 1, step * d.rounds // d.steps)
+
+    def first_step(self, r: int) -> int:
+        d = self.cfg.distill
+        return -(-r * d.steps // d.rounds)  # the smallest step with round_of(step) == r
+
+    def teacher_for(self, engine: Engine, pipe: WorldPipeline, step: int) -> WorldPipeline:
+        """Round 0: the base. Round r > 0: the student as it was at round r's first step (saved then)."""
+        r = self.round_of(step)
+        if r == self.round:
+            return self.teacher
+        from clvr.models.backend import load_pipeline
+
+        if self.out is None:
+            raise CheckpointError("progressive distillation past its first round needs an out folder")
+        path = self.out / "rounds" / f"round-{r}"
+        if step == self.first_step(r):  # now is the boundary: the student becomes the teacher
+            with engine.full_params():
+                if engine.is_main:
+                    atomic_dir(path, lambda d: pipe.save_pretrained(d))
+            engine.barrier()
+        elif not (path / "model_index.json").is_file():
+            raise CheckpointError(f"resuming distill round {r} at step {step} needs its teacher {path}; "
+                                  f"delete {self.out} to start fresh")
+        t = load_pipeline(str(path))
+        t.transformer.requires_grad_(False), t.text_encoder.requires_grad_(False)
+        t.transformer.eval(), t.text_encoder.eval()
+        if engine.device.name != "cpu":
+            t.to(engine.ds.device)
+        self.teacher, self.round = t, r
+        return t
+
+    def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
+        b, d, dev = rows.batch, self.cfg.distill, engine.to_device
+        tp = self.teacher_for(engine, pipe, rows.step)
+        w = d.guidance if self.round == 0 else 1.0
+        grid = self.grids[self.round]
+        x0, ref = tokens(b.x0, self.cfg.world.cell), tokens(b.ref, self.cfg.world.cell)
+        region, edit = torch.from_numpy(b.region), torch.from_numpy(b.edit)
+        n = len(grid) - 1
+        t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(grid[r.integers(n)]))
+        idx = (grid[:n][None, :] - t[:, None]).abs().argmin(1)
+        t_next = grid[idx + 1]
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
+        cond = Cond(ref, region, tp.encode_text(b.texts), tp.encode_text([""] * len(b.texts)) if w > 1 else None)
+        tgt = two_teacher_steps(tp, x_t, t, t_next, cond, w, edit)
+        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
+        mask, ref_d = tgt["mask"].to(new.device, new.dtype), dev(ref).to(new.dtype)
+        x0_s = ref_d + mask[..., None] * (new - ref_d)  # the student's x0 as the sampler composes it
+        wt = 1 + (d.changed_weight - 1) * torch.from_numpy(b.changed).to(new.device)
+        loss_x = weighted_x0_loss(engine, x0_s, tgt["x0"].to(new.device), wt)
+        loss_g = F.binary_cross_entropy_with_logits(gate.float(), torch.sigmoid(tgt["gate"]).to(new.device))
+        return loss_x + d.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item(),
+                                                 "round": float(self.round)}
+
+
 def trainer(cfg: Config, out: Path | None) -> Trainer:
     from clvr.models.backend import load_pipeline
 
@@ -87,9 +229,10 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
         from clvr.train.bench import quick_eval
 
-        return quick_eval(pipe, d.eval_trials, d.nfe, 1.0, EVAL_TIERS)
+        return quick_eval(pipe, d.eval_trials, d.nfe, 1.0, EVAL_TIERS, appearance=cfg.world.appearance)
 
-    tr = Trainer("distill", cfg, d, build, DistillLoss(cfg, teacher, sigmas), evaluate, out, text_dropout=0.0)
+    loss = ProgressiveLoss(cfg, teacher, out) if d.method == "progressive" else DistillLoss(cfg, teacher, sigmas)
+    tr = Trainer("distill", cfg, d, build, loss, evaluate, out, text_dropout=0.0)
     if tr.engine.device.name != "cpu":  # the frozen teacher (fp32) sits beside the student on this rank's GPU
         teacher.to(tr.engine.ds.device)
     tr.teacher = teacher
@@ -108,7 +251,7 @@ def run(cfg: Config) -> dict:
     if tr.engine.is_main:
         t0 = time.perf_counter()
         teach = quick_eval(tr.teacher, cfg.distill.eval_trials, cfg.distill.teacher_steps, cfg.distill.guidance,
-                           EVAL_TIERS)
+                           EVAL_TIERS, appearance=cfg.world.appearance)
         m = res["metrics"]
         m.update({f"teacher_{k}": v for k, v in teach.items()})
         gaps = [abs(m[f"eval_{k}"] - v) for k, v in teach.items() if k.startswith("edit_") and f"eval_{k}" in m]

@@ -33,6 +33,7 @@ class Rows:
 
     batch: Batch
     rngs: list[np.random.Generator]
+    step: int = 0  # the global step these samples belong to (a loss may change with it, e.g. distill rounds)
 
 
 def draw_rows(section: Any, prompts: PromptSource, grid: int, step: int, lo: int, hi: int,
@@ -44,7 +45,7 @@ def draw_rows(section: Any, prompts: PromptSource, grid: int, step: int, lo: int
     cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
     batch = Batch(cat("x0"), cat("ref"), cat("region"), cat("changed"), [t for p in parts for t in p.texts],
                   cat("edit"))
-    return Rows(batch, rngs)
+    return Rows(batch, rngs, step)
 
 
 class Loss(Protocol):
@@ -72,7 +73,8 @@ class Trainer:
                  text_dropout: float = 0.0):
         self.name, self.cfg, self.s, self.out = name, cfg, section, out
         self.loss, self.evaluate_fn, self.text_dropout = loss, evaluate, text_dropout
-        self.prompts = PromptSource(cfg.world.grid, section.tier_weights, section.prompt_pool, section.seed)
+        self.prompts = PromptSource(cfg.world.grid, section.tier_weights, section.prompt_pool, section.seed,
+                                    appearance=cfg.world.appearance)
         self.step = 0
         # join the ranks first: under a launcher, rank 0 may still be clearing a stale run's checkpoints
         # (stages.prepare_resume) when the others start

@@ -1,7 +1,8 @@
 """Pretrain the world generator (`clvr world pretrain`): flow matching with clean-image (x0) prediction.
 
 Per sample: x_t = (1 - t) x0 + t eps, t ~ logit-normal with 15 % at t = 1 (the first sampling step, where
-the edit gate is read). Loss = MSE of the x0 prediction, `changed_weight` x on edited cells
+the edit gate is read); or, with `pretrain.train_sigmas` = k, t uniform over the k sigmas of a k-step sampler
+(the naive baseline "base trained at 4 steps" of a distilled student, k = 4). Loss = MSE of the x0 prediction, `changed_weight` x on edited cells
 + `gate_weight` x BCE of the gate against the changed cells. Text dropout trains the unconditional branch for CFG.
 Runs on the training engine (clvr.train.engine) through the one loop in clvr.train.loop.
 """
@@ -51,6 +52,15 @@ def logit_normal_t(rng: np.random.Generator) -> float:
     return 1.0 if u < 0.15 else float(1 / (1 + np.exp(-z)))
 
 
+def sampler_sigmas(sched_config: dict, n: int) -> torch.Tensor:
+    """(n + 1,) the sigmas `WorldPipeline.sample` visits at n steps, ending at 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
+    sched.set_timesteps(n)
+    return sched.sigmas.float()
+
+
 def weighted_x0_loss(engine: Engine, new: torch.Tensor, target: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """This rank's share of sum(w * mse) / sum(w) over the global batch, times the world size (DeepSpeed
     averages gradients over ranks). With one rank: the plain weighted mean."""
@@ -61,13 +71,22 @@ def weighted_x0_loss(engine: Engine, new: torch.Tensor, target: torch.Tensor, w:
 
 class PretrainLoss:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        self.cfg, self.grid = cfg, None
+
+    def t_of(self, pipe: WorldPipeline) -> callable:
+        """t's distribution: logit-normal, or (train_sigmas = k) uniform over the k sigmas of pipe's sampler."""
+        k = self.cfg.pretrain.train_sigmas
+        if not k:
+            return logit_normal_t
+        if self.grid is None:
+            self.grid = sampler_sigmas(pipe.scheduler.config, k)[:k].tolist()
+        return lambda r: float(self.grid[r.integers(k)])
 
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         b, cell, p, dev = rows.batch, self.cfg.world.cell, self.cfg.pretrain, engine.to_device
         x0, ref = tokens(b.x0, cell), tokens(b.ref, cell)
         changed, region = torch.from_numpy(b.changed), torch.from_numpy(b.region)
-        t, eps = noise(rows, tuple(x0.shape[1:]), logit_normal_t)
+        t, eps = noise(rows, tuple(x0.shape[1:]), self.t_of(pipe))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
         x0, changed = x0.to(new.device), changed.to(new.device)
@@ -86,7 +105,8 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
         from clvr.train.bench import quick_eval
 
-        return quick_eval(pipe, cfg.pretrain.eval_trials, cfg.pretrain.eval_steps, 1.0, EVAL_TIERS)
+        return quick_eval(pipe, cfg.pretrain.eval_trials, cfg.pretrain.eval_steps, 1.0, EVAL_TIERS,
+                          appearance=cfg.world.appearance)
 
     return Trainer("pretrain", cfg, cfg.pretrain, build, PretrainLoss(cfg), evaluate, out,
                    text_dropout=cfg.pretrain.text_dropout)
