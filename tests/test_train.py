@@ -266,16 +266,20 @@ def test_distill_method_and_rounds_are_checked():
     assert load_config("release").distill.method == "guidance"  # the shipped recipe is unchanged
 
 
+KILLABLE = "pretrain.ckpt_every=1"  # checkpoints change nothing in the run (per-sample seeded data, no RNG state)
+
+
 def kill_after_checkpoint(cmd: list[str], out, delay: float) -> None:
-    """Start `cmd` in its own process group; `delay` s after the step-2 checkpoint appears, SIGKILL every
-    process of it (launcher and ranks alike)."""
+    """Start `cmd` in its own process group; `delay` s after the step-1 checkpoint appears, SIGKILL every
+    process of it (launcher and ranks alike). `cmd` checkpoints every step (KILLABLE), so 3 more steps and 3
+    more checkpoint saves stand between that moment and the end: the kill always lands mid-run."""
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "step-000002").exists():
+        while not (out / "checkpoints" / "step-000001").exists():
             assert p.poll() is None, "the run ended before its first checkpoint"
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(0.02)
         time.sleep(delay)
     finally:
         os.killpg(p.pid, signal.SIGKILL)
@@ -292,9 +296,9 @@ def one_rank(tmp_path_factory) -> dict:
 
 def test_a_killed_single_process_run_resumes_exactly(tmp_path, one_rank):
     out = tmp_path / "pre"
-    kill_after_checkpoint(pretrain_cmd(out, 1), out, delay=0.3)
+    kill_after_checkpoint(pretrain_cmd(out, 1, KILLABLE), out, delay=0.05)
     assert not (out / "final").exists()
-    run_ok(pretrain_cmd(out, 1))
+    run_ok(pretrain_cmd(out, 1, KILLABLE))
     assert max_diff(weights(out / "final"), one_rank) == 0.0
 
 
@@ -323,9 +327,9 @@ def test_zero2_on_two_ranks_matches_zero0_and_its_shards_need_two_ranks(tmp_path
 
 def test_a_killed_two_rank_run_resumes(tmp_path, one_rank):
     out = tmp_path / "pre"
-    kill_after_checkpoint(pretrain_cmd(out, 2), out, delay=0.5)
+    kill_after_checkpoint(pretrain_cmd(out, 2, KILLABLE), out, delay=0.05)
     assert not (out / "final").exists()
-    run_ok(pretrain_cmd(out, 2))
+    run_ok(pretrain_cmd(out, 2, KILLABLE))
     assert max_diff(weights(out / "final"), one_rank) <= TOL
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]
