@@ -367,3 +367,28 @@ def test_zero3_on_two_ranks_gathers_a_whole_final_folder(tmp_path, one_rank):
     run_ok(pretrain_cmd(out, 2, "engine.zero_stage=3"))
     assert max_diff(weights(out / "final"), one_rank) <= TOL
     assert len(list((out / "checkpoints" / "step-000004" / "ds").glob("zero_pp_rank_*_model_states.pt"))) == 2
+
+
+def test_a_run_refuses_a_folder_it_did_not_make(tmp_path):
+    """pretrain.out / distill.out holding someone's files: refused before any work, nothing touched. A folder
+    of an earlier run (its own files only, as before markers existed) is taken, and marked."""
+    from clvr.errors import ClvrError
+    from clvr.io import MARKER, owner_of
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "final").mkdir()
+    (mine / "final" / "thesis.tex").write_text("years of work")
+    for section in ("pretrain", "distill"):
+        with pytest.raises(ClvrError, match=f"{section}.out '.*notes' is not empty"):
+            getattr({"pretrain": pretrain, "distill": distill}[section], "run")(
+                load_config("ci", [f"{section}.out={mine}"]))
+    assert sorted(p.name for p in mine.rglob("*")) == ["final", "thesis.tex"]
+
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "metrics.jsonl").write_text("")
+    loop.claim_run_dir(earlier, "world pretrain", "pretrain.out")
+    assert owner_of(earlier) == "world pretrain" and (earlier / MARKER).is_file()
+    with pytest.raises(ClvrError, match="made by `clvr world pretrain`"):
+        loop.claim_run_dir(earlier, "world distill", "distill.out")

@@ -245,7 +245,6 @@ def run(cfg: Config) -> dict:
 
     torch.set_num_threads(cfg.distill.threads)
     out = Path(cfg.distill.out)
-    out.mkdir(parents=True, exist_ok=True)
     tr = trainer(cfg, out)
     res = tr.fit()
     if tr.engine.is_main:

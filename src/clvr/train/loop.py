@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from clvr.config import Config, to_dict
-from clvr.io import atomic_dir
+from clvr.config import Config, launcher_env, to_dict
+from clvr.io import atomic_dir, claim_dir, mark_dir
 from clvr.models.pipeline import WorldPipeline
 from clvr.train import ckpt, engine as eng_mod
 from clvr.train.data import Batch, PromptSource, sample_batch
@@ -56,6 +56,33 @@ class Loss(Protocol):
         ...
 
 
+# What a training run (and the pipeline stage around it) writes into its out dir; names starting with "." are
+# temporary folders of interrupted writes and DVC's .gitignore.
+RUN_FILES = {"checkpoints", "final", "rounds", "metrics.jsonl", "metrics.json", "curve.json", "stage.log"}
+
+
+def looks_like_a_run(out: Path) -> bool:
+    """An out dir written before markers existed: only run files, its final/ a model folder, its checkpoints/
+    only step folders."""
+    def ok(c: Path) -> bool:
+        if c.name == "final":
+            return (c / "model_index.json").is_file()
+        if c.name == "checkpoints":
+            return all(k.name.startswith(("step-", ".")) for k in c.iterdir())
+        return c.name in RUN_FILES or c.name.startswith(".")
+
+    return all(ok(c) for c in out.iterdir())
+
+
+def claim_run_dir(out: Path, owner: str, key: str) -> None:
+    """Before any work: `out` must be new, empty, or an earlier run of this trainer (its marker, or only run
+    files), since the run writes checkpoints/ and final/ over what is there. Anything else is a ClvrError."""
+    claim_dir(out, owner, legacy=looks_like_a_run, what=key)
+    out.mkdir(parents=True, exist_ok=True)
+    if launcher_env()[0] == 0:
+        mark_dir(out, owner)
+
+
 def lr_at(step: int, lr: float, warmup: int, steps: int, min_lr_frac: float) -> float:
     """Linear warm-up, then cosine decay to lr * min_lr_frac."""
     if step < warmup:
@@ -72,6 +99,8 @@ class Trainer:
                  loss: Loss, evaluate: Callable[[WorldPipeline], dict[str, float]], out: Path | None,
                  text_dropout: float = 0.0):
         self.name, self.cfg, self.s, self.out = name, cfg, section, out
+        if out is not None:
+            claim_run_dir(out, f"world {name}", f"{name}.out")
         self.loss, self.evaluate_fn, self.text_dropout = loss, evaluate, text_dropout
         self.prompts = PromptSource(cfg.world.grid, section.tier_weights, section.prompt_pool, section.seed,
                                     appearance=cfg.world.appearance)

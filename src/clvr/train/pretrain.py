@@ -115,5 +115,4 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
 def run(cfg: Config) -> dict:
     torch.set_num_threads(cfg.pretrain.threads)
     out = Path(cfg.pretrain.out)
-    out.mkdir(parents=True, exist_ok=True)
     return trainer(cfg, out).fit()
