@@ -114,7 +114,8 @@ class GeneratorCfg:
 
 
 def check_data_mix(sec: Any, name: str) -> None:
-    """The training-data keys pretrain and distill share: global batch, edit mix, text-to-image tier weights."""
+    """The keys pretrain and distill share: global batch, edit mix, text-to-image tier weights, schedule, loss
+    weights, out dir, seed."""
     check_global_batch(sec.batch_size, f"{name}.batch_size")
     p = sec.op_probs
     need(len(p) == 4 and min(p) >= 0 and abs(sum(p) - 1) <= 1e-6, f"{name}.op_probs",
@@ -122,6 +123,12 @@ def check_data_mix(sec: Any, name: str) -> None:
     w = sec.tier_weights
     need(1 <= len(w) <= 10 and all(at_least(0)(x) for x in w) and sum(w) > 0, f"{name}.tier_weights",
          "1..10 weights >= 0 (tiers 1..) with a positive sum", list(w))
+    need(nonempty(sec.out), f"{name}.out", "a folder", sec.out)
+    need_all(sec, name, "steps log_every eval_every ckpt_every eval_trials threads max_objects", at_least(1), ">= 1")
+    need_all(sec, name, "warmup prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
+    need_all(sec, name, "lr changed_weight", positive, "> 0")
+    need_all(sec, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
+    need(0 <= sec.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", sec.seed)
 
 
 @dataclass
@@ -156,14 +163,9 @@ class PretrainCfg:
 
     def check(self, name: str) -> None:
         check_data_mix(self, name)
-        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
-        need_all(self, name, "steps batch_size max_objects log_every eval_every ckpt_every eval_trials eval_steps "
-                 "threads", at_least(1), ">= 1")
-        need_all(self, name, "warmup prompt_pool weight_decay gate_weight train_sigmas", at_least(0), ">= 0")
-        need_all(self, name, "lr changed_weight", positive, "> 0")
-        need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
+        need(self.eval_steps >= 1, f"{name}.eval_steps", ">= 1", self.eval_steps)
+        need(self.train_sigmas >= 0, f"{name}.train_sigmas", ">= 0", self.train_sigmas)
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
-        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
 
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -260,13 +262,8 @@ class DistillCfg:
         need(1 <= self.rounds <= 6, f"{name}.rounds", "in 1..6", self.rounds)
         need(self.steps >= self.rounds, f"{name}.steps", f">= {name}.rounds ({self.rounds}: each round trains)",
              self.steps)
-        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
-        need_all(self, name, "steps batch_size log_every eval_every eval_trials threads nfe teacher_steps "
-                 "ckpt_every max_objects", at_least(1), ">= 1")
-        need_all(self, name, "warmup guidance prompt_pool weight_decay gate_weight", at_least(0), ">= 0")
-        need_all(self, name, "lr changed_weight", positive, "> 0")
-        need_all(self, name, "min_lr_frac edit_frac grounded_frac", fraction, "in 0..1")
-        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
+        need_all(self, name, "nfe teacher_steps", at_least(1), ">= 1")
+        need(at_least(0)(self.guidance), f"{name}.guidance", ">= 0", self.guidance)
 
 
 @dataclass
