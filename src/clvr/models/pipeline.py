@@ -39,6 +39,10 @@ class Cond:
     text: torch.Tensor  # (B, L, D)
     text_uncond: torch.Tensor | None = None  # (B, L, D) empty text, for CFG
 
+    def cfg_pair(self) -> "Cond":
+        """Cond and uncond stacked (2B): classifier-free guidance in one forward instead of two."""
+        return Cond(self.ref.repeat(2, 1, 1), self.region.repeat(2, 1), torch.cat([self.text, self.text_uncond]))
+
 
 class WorldPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
@@ -133,6 +137,16 @@ class WorldPipeline(DiffusionPipeline):
                                return_dict=False)[0][:, : x_t.shape[1]].to(x_t)
         return cond.ref.to(x_t) + out[..., : self.feat], out[..., self.feat]
 
+    def guided_predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float,
+                       pair: Cond | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`predict` with classifier-free guidance when guidance > 1: x0_u + w (x0_c - x0_u), the cond branch's
+        gate. `pair`: cond.cfg_pair(), passed by a caller that builds it once for many steps."""
+        if guidance <= 1.0:
+            return self.predict(x_t, sigma, cond)
+        both, gates = self.predict(x_t.repeat(2, 1, 1), sigma.repeat(2), pair or cond.cfg_pair())
+        (new, new_u), gate = both.chunk(2), gates[: len(x_t)]
+        return new_u + guidance * (new - new_u), gate
+
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, texts: list[str], references: np.ndarray, regions: np.ndarray, edit: np.ndarray,
@@ -146,7 +160,7 @@ class WorldPipeline(DiffusionPipeline):
         cond = Cond(ref, region, self.encode_text(texts), self.encode_text([""] * len(texts)) if cfg else None)
         noise = torch.stack([torch.randn(ref.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
-        pair = Cond(ref.repeat(2, 1, 1), region.repeat(2, 1), torch.cat([cond.text, cond.text_uncond])) if cfg else None
+        pair = cond.cfg_pair() if cfg else None
         grounded = torch.from_numpy(edit & (regions.sum(1) > 0))[:, None]
         edit_t = torch.from_numpy(edit)[:, None]
         sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
@@ -154,12 +168,7 @@ class WorldPipeline(DiffusionPipeline):
         x, hard, x0 = noise, None, ref
         for i, t in enumerate(sched.timesteps):
             sigma = (t / 1000).expand(len(texts))
-            if cfg:  # cond and uncond in one forward (2B): one pass through the layers instead of two
-                both, gates = self.predict(x.repeat(2, 1, 1), sigma.repeat(2), pair)
-                (new, new_u), gate = both.chunk(2), gates[: len(texts)]
-                new = new_u + guidance * (new - new_u)
-            else:
-                new, gate = self.predict(x, sigma, cond)
+            new, gate = self.guided_predict(x, sigma, cond, guidance, pair)
             p = torch.sigmoid(gate)
             if hard is None:  # first step: the edit's mask, held for the rest of sampling
                 hard = torch.where(grounded, region, (p > 0.5).float())

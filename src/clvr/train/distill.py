@@ -107,13 +107,7 @@ def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
                edit: torch.Tensor, hard: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's composed x0 at (x, t) as its sampler forms it -> (x0, gate logits, hard mask). `hard`:
     the edits' mask from the first step (None: this is the first step; grounded edits use their regions)."""
-    if guidance > 1.0:  # cond and uncond in one forward, as the sampler
-        pair = Cond(cond.ref.repeat(2, 1, 1), cond.region.repeat(2, 1), torch.cat([cond.text, cond.text_uncond]))
-        both, gates = tp.predict(x.repeat(2, 1, 1), t.repeat(2), pair)
-        (new, new_u), gate = both.chunk(2), gates[: len(x)]
-        new = new_u + guidance * (new - new_u)
-    else:
-        new, gate = tp.predict(x, t, cond)
+    new, gate = tp.guided_predict(x, t, cond, guidance)  # as the sampler
     p = torch.sigmoid(gate)
     if hard is None:
         grounded = edit[:, None] & (cond.region.sum(1, keepdim=True) > 0)
