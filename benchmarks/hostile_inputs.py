@@ -231,7 +231,7 @@ _CKPT: dict[str, Path] = {}
 def checkpoint(name: str, spoil: str = "") -> Callable[[Path], None]:
     """A copy of the shipped base weights, optionally spoilt: "nan" / "inf" weights, "truncated" file, "class"."""
     def setup(d: Path) -> None:
-        from clvr.models.backend import WEIGHTS_DIR
+        from clvr.registry import WEIGHTS_DIR
 
         dest = d / name
         shutil.copytree(WEIGHTS_DIR / "base", dest)

@@ -1,11 +1,19 @@
-"""One registry mechanism for the loop's roles: a string key -> factory, filled by a decorator, read by
-`make(key, **kwargs)` with a clear error naming the unknown key and the known ones."""
+"""Two registries: the loop's roles and the generator models.
+
+* Roles: one registry mechanism, a string key -> factory, filled by a decorator, read by `make(key, **kwargs)`
+  with a clear error naming the unknown key and the known ones.
+* Models: the one place that knows the generator model names: the shipped weights (`SHIPPED`, packaged under
+  `WEIGHTS_DIR`), the oracle generators that need no model (`ORACLES`), where a name's files are
+  (`model_path`), the pipeline's default base (`default_base`), and a model's content hash (`model_digest`).
+"""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
-from clvr.errors import ClvrError
+from clvr.errors import CheckpointError, ClvrError
 
 T = TypeVar("T")
 
@@ -27,3 +35,58 @@ class Registry(dict, Generic[T]):
         if key not in self:
             raise ClvrError(f"unknown {self.role} '{key}' (known: {', '.join(sorted(self))})")
         return self[key](**kwargs)
+
+
+# ---- generator models ----------------------------------------------------------------------------------------
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED = ("base", "distilled")  # packaged generator weights: WEIGHTS_DIR/<name>
+ORACLES = ("oracle", "noisy-oracle")  # generator keys that draw from the scene itself: no model files
+INDEX = "model_index.json"  # what makes a folder a (diffusers-layout) generator checkpoint
+
+
+def model_path(model: str | Path) -> Path:
+    """"base" | "distilled" -> the shipped folder; anything else is a checkpoint folder path."""
+    return WEIGHTS_DIR / str(model) if str(model) in SHIPPED else Path(model)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def default_base(pretrain_out: str | Path) -> str:
+    """The pipeline's base generator: `<pretrain.out>/final` once the pretrain stage made it, else the shipped
+    "base" (the released weights the retrain flow starts from)."""
+    trained = Path(pretrain_out) / "final"
+    return str(trained) if is_checkpoint(trained) else "base"
+
+
+def check_model_name(model: str) -> None:
+    """A model is a known name or an existing folder; otherwise a ClvrError listing the names (and the closest)."""
+    import difflib
+
+    names = (*SHIPPED, *ORACLES)
+    if model in names or Path(model).exists():
+        return
+    close = difflib.get_close_matches(model, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ClvrError(f"unknown model {model!r}: {hint}use one of {', '.join(names)} or a checkpoint folder")
+
+
+def check_checkpoint(model: str, key: str) -> str:
+    """`model` (named by config key `key`) is a shipped name, an oracle or a checkpoint folder; returns it."""
+    if model not in (*SHIPPED, *ORACLES) and not is_checkpoint(model):
+        raise CheckpointError(f"{key}: no generator checkpoint at '{model}' (missing {INDEX})")
+    return model
+
+
+def model_digest(model: str) -> str:
+    """sha256 over the files of a model folder (shipped or given), names and bytes; "" for an oracle."""
+    if model in ORACLES:
+        return ""
+    root = model_path(model)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()

@@ -17,15 +17,14 @@ Guards, in the loop itself (a controller cannot get past them):
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Generator as Coroutine, Iterable
 
 from clvr.config import Config, LoopCfg
-from clvr.errors import ClvrError
 from clvr.generator import GenRequest, GenResult, Generator
 from clvr.loop.controller import step_key
 from clvr.loop.roles import Controller, LoopState, Verifier, make_controller, make_verifier
 from clvr.loop.trace import StepRecord, Trace
+from clvr.registry import ORACLES, check_model_name
 from clvr.steps import SchemaError, Step
 from clvr.world.render import blank
 from clvr.world.scene import Scene
@@ -201,27 +200,10 @@ def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: 
     import clvr.models  # noqa: F401  (registers the world backend)
     from clvr.generator import make_generator
 
-    if model in ORACLE_MODELS:
+    if model in ORACLES:
         return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell, appearance=cfg.world.appearance)
     check_model_name(model)
     return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance)
-
-
-ORACLE_MODELS = ("oracle", "noisy-oracle")
-
-
-def check_model_name(model: str) -> None:
-    """A model is a known name or an existing folder; otherwise a ClvrError listing the names (and the closest)."""
-    import difflib
-
-    from clvr.models.backend import SHIPPED
-
-    names = (*SHIPPED, *ORACLE_MODELS)
-    if model in names or Path(model).exists():
-        return
-    close = difflib.get_close_matches(model, names, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ClvrError(f"unknown model {model!r}: {hint}use one of {', '.join(names)} or a checkpoint folder")
 
 
 def build_controller(cfg: Config) -> Controller:

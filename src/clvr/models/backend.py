@@ -21,13 +21,7 @@ from clvr.models.pipeline import WorldPipeline
 from clvr.train.data import join_text
 from clvr.world.render import blank
 
-WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
-SHIPPED = ("base", "distilled")
-
-
-def resolve_model(model: str) -> Path:
-    """"base" | "distilled" -> the shipped folder; anything else is a checkpoint folder path."""
-    return WEIGHTS_DIR / model if model in SHIPPED else Path(model)
+from clvr.registry import SHIPPED, WEIGHTS_DIR, model_path as resolve_model  # noqa: F401  (model names: one place)
 
 
 def load_pipeline(model: str | Path) -> WorldPipeline:

@@ -39,8 +39,8 @@ from clvr.errors import ConfigError
 from clvr.io import atomic_write_text
 from clvr.synthesize.ab import ab_verdict, explained, image_score  # noqa: F401  (the stage's public names)
 from clvr.synthesize.engine import Engine, run_shards  # noqa: F401
-from clvr.synthesize.jobs import (Log, fingerprint, job_prompt, job_seed, model_digest, n_jobs,  # noqa: F401
-                                  n_shards, resolve_model, shard_jobs, traj_id)
+from clvr.synthesize.jobs import (Log, fingerprint, job_prompt, job_seed, n_jobs, n_shards,  # noqa: F401
+                                  resolve_model, shard_jobs, traj_id)
 from clvr.synthesize.report import dataset_card, dataset_metrics
 from clvr.synthesize.shards import WORK, commit_shard, merge, prepare, read_shard, shard_file  # noqa: F401
 from clvr.trajectories import FILE

@@ -17,8 +17,9 @@ import numpy as np
 
 from clvr.config import Config
 from clvr.io import load_png
+from clvr.registry import ORACLES
 from clvr.synthesize.ab import ab_verdict, image_score
-from clvr.synthesize.jobs import ORACLES, Log, job_prompt, job_seed, n_shards, shard_jobs, traj_id
+from clvr.synthesize.jobs import Log, job_prompt, job_seed, n_shards, shard_jobs, traj_id
 from clvr.synthesize.shards import BLANK, commit_shard, shard_file, write_png
 from clvr.trajectories import SCHEMA, SCHEMA_VERSION, Trajectory, TrajectoryStep
 

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from clvr.config import Config, SynthesizeCfg, to_dict
-from clvr.errors import CheckpointError
+from clvr.registry import ORACLES, check_checkpoint, default_base, model_digest
 from clvr.trajectories import SCHEMA, SCHEMA_VERSION
-
-ORACLES = ("oracle", "noisy-oracle")
-SHIPPED = ("base", "distilled")
 
 Log = Callable[[str], None]
 
@@ -51,32 +47,12 @@ def traj_id(j: int) -> str:
 # ---- config, model, fingerprint --------------------------------------------------------------------------------
 
 def resolve_model(cfg: Config) -> str:
-    """The generator model: `synthesize.model`, or "" = the pipeline's base `<pretrain.out>/final` if it exists,
-    else the shipped base weights (the data engine acts with the base generator). An oracle generator key needs
-    no model."""
+    """The generator model: `synthesize.model`, or "" = the pipeline's base (clvr.registry.default_base: the data
+    engine acts with the base generator). An oracle generator key needs no model."""
     s = cfg.synthesize
     if s.generator in ORACLES:
         return s.generator
-    if s.model:
-        model = s.model
-    else:
-        trained = Path(cfg.pretrain.out) / "final"
-        model = str(trained) if (trained / "model_index.json").is_file() else "base"
-    if model not in (*SHIPPED, *ORACLES) and not (Path(model) / "model_index.json").is_file():
-        raise CheckpointError(f"synthesize.model: no generator checkpoint at '{model}' (missing model_index.json)")
-    return model
-
-
-def model_digest(model: str) -> str:
-    """sha256 over the files of a model folder (shipped or given); "" for an oracle."""
-    if model in ORACLES:
-        return ""
-    root = Path(__file__).resolve().parents[1] / "weights" / model if model in SHIPPED else Path(model)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(root)).encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()
+    return check_checkpoint(s.model or default_base(cfg.pretrain.out), "synthesize.model")
 
 
 def fingerprint(cfg: Config, model: str) -> str:
@@ -89,5 +65,3 @@ def fingerprint(cfg: Config, model: str) -> str:
         d["controller"] = to_dict(cfg.controller)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
-
-# ---- the per-process engine --------------------------------------------------------------------------------------

@@ -58,10 +58,9 @@ from clvr.train.pretrain import EVAL_TIERS, noise, sampler_sigmas, weighted_x0_l
 
 def teacher_path(cfg: Config) -> str:
     """cfg.distill.teacher, else <pretrain.out>/final if present, else the shipped base."""
-    if cfg.distill.teacher:
-        return cfg.distill.teacher
-    final = Path(cfg.pretrain.out) / "final"
-    return str(final) if (final / "model_index.json").is_file() else "base"
+    from clvr.registry import default_base
+
+    return cfg.distill.teacher or default_base(cfg.pretrain.out)
 
 
 class DistillLoss:
