@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from clvr.errors import ClvrError
-from clvr.judge import (describe, judge, judge_image, read_jsonl, relative_position, score_folder, unsupported,
-                        validate_metadata)
+from clvr.judge import (Failure, describe, failures, judge, judge_image, read_jsonl, relative_position, score_folder,
+                        unsupported, validate_metadata)
 from clvr.world.bench import render_suite
 from clvr.world.detector import Detection, WorldDetector, detect, scene_detections
 from clvr.world.grammar import TIERS, sample_prompt
@@ -51,6 +51,26 @@ def test_ground_truth_passes_with_empty_reason():
 def test_broken_constraint_is_named(scene, needle):
     ok, reason = verdict(MD, scene)
     assert not ok and needle in reason
+
+
+@pytest.mark.parametrize("scene,want", [
+    (TRUTH.remove((3, 2)), [Failure("count", 0, "red circle", 2, 1), Failure("anchor", 2, "green square", "above", 0,
+                                                                             "red circle")]),
+    (TRUTH.move((1, 1), (3, 1)), [Failure("position", 2, "green square", "above", "right of", "red circle",
+                                          ((3, 1), (3, 0)))]),
+    (TRUTH.add(Obj("circle", "red", 2, 3)), [Failure("position", 2, "green square", "above", "left of", "red circle",
+                                                     ((1, 1), (2, 3))), Failure("exclude", 0, "circle", 4, 4)]),
+    (TRUTH.add(Obj("triangle", "yellow", 0, 3)), [Failure("exclude", 2, "yellow triangle", 1, 1)]),
+])
+def test_failures_are_structured_and_the_reason_is_their_text(scene, want):
+    """One Failure per broken clause (kind, clause index, objects, expected, found); the judge's reason is made from
+    them, so a caller counts or reads failures without parsing text."""
+    dets = detect(render(scene))
+    got = failures(MD, dets)
+    assert got == want
+    assert judge(MD, dets) == (False, "; ".join(f.text() for f in want))
+    assert all(json.loads(json.dumps(f.to_dict()))["kind"] == f.kind for f in got)
+    assert failures(MD, detect(render(TRUTH))) == []
 
 
 def test_colour_selects_within_the_class():

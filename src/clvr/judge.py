@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -73,46 +74,100 @@ def select(detections: Iterable, clause: dict) -> list:
     return [d for d in detections if d.shape == clause["class"] and (color is None or d.color == color)]
 
 
-def judge(metadata: dict, detections: list) -> tuple[bool, str]:
-    """(correct, reason) for one image's detections; the reason names every broken constraint ('' if none)."""
-    reasons: list[str] = []
+@dataclass(frozen=True)
+class Failure:
+    """One broken constraint, as the judge found it; `text()` is its human-readable reason.
+
+    kind      "count" (include clause: too few), "exclude" (exclude clause: too many), "position" (include clause:
+              an object not in the relation), "anchor" (include clause: the clause its relation points to failed)
+    clause    index of the clause in the metadata's `include` list ("exclude": in its `exclude` list)
+    objects   what the clause selects, e.g. "red circle"
+    expected  count: at least this many; exclude: fewer than this many; position / anchor: the relation
+    found     count / exclude: how many there are; position: the relations seen ("" = none); anchor: 0
+    anchor    position / anchor: what the relation is to, e.g. "blue square"
+    at        position: ((row, col) of the object, (row, col) of the anchor object) that broke it
+    """
+
+    kind: str
+    clause: int
+    objects: str
+    expected: int | str
+    found: int | str
+    anchor: str = ""
+    at: tuple[tuple[int, int], ...] = ()
+
+    def text(self) -> str:
+        if self.kind == "count":
+            return f"expected {count_noun(int(self.expected), self.objects)}, found {self.found}"
+        if self.kind == "exclude":
+            n = int(self.expected)
+            limit = f"no {plural(self.objects)}" if n == 1 else f"fewer than {count_noun(n, self.objects)}"
+            return f"expected {limit}, found {self.found}"
+        if self.kind == "anchor":
+            return f"no {self.anchor} for the {self.objects} to be {self.expected}"
+        (r, c), (ar, ac) = self.at
+        return (f"expected {self.objects} {self.expected} {self.anchor}, found {self.found or 'no clear relation'}"
+                f" ({self.objects} at row {r} column {c}, {self.anchor} at row {ar} column {ac})")
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind, "clause": self.clause, "objects": self.objects, "expected": self.expected,
+             "found": self.found}
+        if self.anchor:
+            d["anchor"] = self.anchor
+        if self.at:
+            d["at"] = [list(a) for a in self.at]
+        return d
+
+
+def failures(metadata: dict, detections: list) -> list[Failure]:
+    """Every broken constraint of one image's detections, one per broken clause, in clause order ([] = pass)."""
+    out: list[Failure] = []
     include = metadata.get("include", [])
     groups: list[list | None] = []
-    for req in include:
+    for i, req in enumerate(include):
         n, desc = int(req["count"]), describe(req)
         pool = select(detections, req)
         found = pool[:n]
         ok = len(found) >= n
         if not ok:
-            reasons.append(f"expected {count_noun(n, desc)}, found {len(pool)}")
+            out.append(Failure("count", i, desc, n, len(pool)))
         elif "position" in req:
-            ok = _check_position(req, found, include, groups, reasons)
+            broken = _position_failure(i, req, found, include, groups)
+            ok = broken is None
+            out += [] if ok else [broken]
         groups.append(found if ok else None)
-    for req in metadata.get("exclude", []):
+    for i, req in enumerate(metadata.get("exclude", [])):
         m = len(select(detections, req))
         if m >= int(req["count"]):
-            what = describe(req)
-            limit = f"no {plural(what)}" if int(req["count"]) == 1 else f"fewer than {count_noun(int(req['count']), what)}"
-            reasons.append(f"expected {limit}, found {m}")
-    return not reasons, "; ".join(reasons)
+            out.append(Failure("exclude", i, describe(req), int(req["count"]), m))
+    return out
 
 
-def _check_position(req: dict, found: list, include: list, groups: list, reasons: list) -> bool:
+def reason_text(broken: list[Failure]) -> str:
+    """The judge's reason: every failure's text, '; '-joined ('' when none)."""
+    return "; ".join(f.text() for f in broken)
+
+
+def judge(metadata: dict, detections: list) -> tuple[bool, str]:
+    """(correct, reason) for one image's detections; the reason names every broken constraint ('' if none).
+    `failures` gives the same verdict as structure."""
+    broken = failures(metadata, detections)
+    return not broken, reason_text(broken)
+
+
+def _position_failure(i: int, req: dict, found: list, include: list, groups: list) -> Failure | None:
     rel, j = req["position"]
     desc, target_desc = describe(req), describe(include[j])
     target = groups[j] if j < len(groups) else None
     if target is None:
-        reasons.append(f"no {target_desc} for the {desc} to be {rel}")
-        return False
+        return Failure("anchor", i, desc, rel, 0, target_desc)
     for a in found:
         for b in target:
             rels = relative_position(a.bbox, b.bbox)
             if rel not in rels:
-                seen = " and ".join(sorted(rels)) or "no clear relation"
-                reasons.append(f"expected {desc} {rel} {target_desc}, found {seen}"
-                               f" ({desc} at row {a.row} column {a.col}, {target_desc} at row {b.row} column {b.col})")
-                return False
-    return True
+                return Failure("position", i, desc, rel, " and ".join(sorted(rels)), target_desc,
+                               ((int(a.row), int(a.col)), (int(b.row), int(b.col))))
+    return None
 
 
 # ---- images and detectors -----------------------------------------------------------------------------

@@ -28,12 +28,12 @@ def explained(dets: list, grid: int, cell: int, image: np.ndarray) -> np.ndarray
 
 
 def image_score(md: dict, image: np.ndarray, grid: int, cell: int, appearance=None) -> dict:
-    """How one image does on its prompt: the judge's verdict and reason, constraints satisfied (the prompt's
-    include + exclude clauses less the ones the judge names as broken: it names each broken constraint once)
+    """How one image does on its prompt: the judge's verdict, its failures (clvr.judge.Failure, one per broken
+    clause) and their text, constraints satisfied (the prompt's include + exclude clauses less the broken ones)
     and the artefact level: mean |pixel - clean picture of the detected scene| (0..255), i.e. whatever the
     detector does not explain (smudges, debris, off colours). The clean picture is the render of the detected
     scene in the fixed world, and `explained` (objects of any look) when `appearance` is varied."""
-    from clvr.judge import judge, unsupported
+    from clvr.judge import failures, reason_text, unsupported
     from clvr.world.detector import WorldDetector, to_scene
     from clvr.world.render import render
 
@@ -42,16 +42,15 @@ def image_score(md: dict, image: np.ndarray, grid: int, cell: int, appearance=No
     if why:
         raise ClvrError(f"unsupported prompt '{md.get('prompt', '')}': {why}")
     dets = detector(image)
-    ok, reason = judge(md, dets)
+    broken = failures(md, dets)
     total = len(md.get("include", [])) + len(md.get("exclude", []))
-    broken = len(reason.split("; ")) if reason else 0
     if appearance is not None and appearance.varied:
         clean = explained(dets, grid, cell, image)
     else:
         clean = render(to_scene(dets, grid), cell).astype(np.int16)
     artefact = float(np.abs(image.astype(np.int16) - clean).mean())
-    return {"passed": bool(ok), "reason": reason, "satisfied": total - broken, "constraints": total,
-            "artefact": round(artefact, 3)}
+    return {"passed": not broken, "reason": reason_text(broken), "failures": [f.to_dict() for f in broken],
+            "satisfied": total - len(broken), "constraints": total, "artefact": round(artefact, 3)}
 
 
 def ab_verdict(loop: dict, base: dict, margin: float) -> dict:
