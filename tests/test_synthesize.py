@@ -21,7 +21,8 @@ from clvr import synthesize
 from clvr.config import load_config
 from clvr.errors import ClvrError, ConfigError
 from clvr.judge import judge_image
-from clvr.trajectories import SchemaVersionError, load_image, load_trajectories, positive_examples
+from clvr.io import load_png
+from clvr.trajectories import SchemaVersionError, load_examples, load_image, load_trajectories
 from clvr.world.render import render
 from clvr.world.scene import Obj, Scene
 
@@ -219,9 +220,9 @@ def test_accepted_means_the_written_final_canvas_passes_the_judge(tmp_path):
                 canvas = s.output
         assert t.final == canvas
     assert flagged > 0 and flagged == res["metrics"]["failed_steps"]
-    examples = list(positive_examples(out))
-    assert len(examples) == res["metrics"]["positive_steps"] > 0
-    assert all(e.input.shape == e.output.shape == (64, 64, 3) for e in examples)
+    examples = [e for e in load_examples(out) if e.k == 1]
+    assert len(examples) == res["metrics"]["positive_steps"] == res["metrics"]["examples_k_1"] > 0
+    assert all(load_png(e.reference).shape == load_png(e.target).shape == (64, 64, 3) for e in examples)
     assert list(load_trajectories(out, accepted_only=True)) == accepted
     card = (out / "dataset_card.md").read_text()
     assert f"| {len(trajs)} | {len(accepted)} |" in card and "| 10 |" in card
@@ -259,7 +260,7 @@ def test_loader_rejects_another_version_and_torn_or_bad_lines(tmp_path, referenc
     lines = (reference / "trajectories.jsonl").read_text().splitlines(keepends=True)
     d = json.loads(lines[0])
     cases = {
-        "v2.jsonl": (json.dumps({**d, "version": 2}) + "\n", SchemaVersionError, "version 2; this loader reads"),
+        "v3.jsonl": (json.dumps({**d, "version": 3}) + "\n", SchemaVersionError, "version 3; this loader reads"),
         "torn.jsonl": (lines[0] + lines[1][:50], ClvrError, "torn last line"),
         "extra.jsonl": (json.dumps({**d, "extra": 1}) + "\n", ClvrError, "unknown ['extra']"),
         "type.jsonl": (json.dumps({**d, "tier": "1"}) + "\n", ClvrError, "'tier' must be int"),

@@ -364,7 +364,8 @@ class MainCfg:
 
 @dataclass
 class SynthesizeCfg:
-    """The data engine (`synthesize` stage, clvr.synthesize): verified loop trajectories over the 10 tiers.
+    """The data engine (`synthesize` stage, clvr.synthesize): verified loop trajectories over the 10 tiers, and
+    macro-step examples merged from their verified steps.
     The work is a fixed list of jobs (prompt j: tier = tiers[j % len(tiers)]) cut into shards of `shard_size`;
     a shard is the unit of batching, of atomic commit and of resume, so the output depends only on the
     config, never on `workers` or on where a run was killed."""
@@ -382,11 +383,12 @@ class SynthesizeCfg:
     threads: int = 1  # torch threads per worker
     seed: int = 0
     ab_margin: float = 2.0  # A/B tie-break: artefact difference (mean |px|, 0..255) that counts as better
+    macro_max_k: int = 8  # macro-step examples merge 2..macro_max_k consecutive verified steps (1 = none)
 
     def check(self, name: str) -> None:
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
         need(self.steps >= 0, f"{name}.steps", ">= 0 (0 = the model's default)", self.steps)
-        need_all(self, name, "n_per_tier shard_size batch_size workers threads", at_least(1), ">= 1")
+        need_all(self, name, "n_per_tier shard_size batch_size workers threads macro_max_k", at_least(1), ">= 1")
         t = list(self.tiers)
         need(bool(t) and len(set(t)) == len(t) and all(1 <= x <= 10 for x in t), f"{name}.tiers",
              "distinct tiers in 1..10", t)

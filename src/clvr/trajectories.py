@@ -11,9 +11,11 @@ A data set is a folder:
 Image paths in a line are relative to the folder. A step's `input` is the canvas it edited: the previous kept
 step's `output` (or `images/blank.png`), so each distinct canvas is stored once.
 
-Schema `clvr.trajectory`, version 1 (`SCHEMA_VERSION`); every key is required, no other key is allowed:
+Schema `clvr.trajectory`, version 2 (`SCHEMA_VERSION`); every key is required, no other key is allowed. This
+loader also reads version 1 lines (`READS`), which lack `grid` and `macro` (read as the default world's grid
+and no macro-step examples) and the judge's `failures`:
 
-    schema, version     "clvr.trajectory", 1
+    schema, version     "clvr.trajectory", 2
     id                  "t000123": the job index; unique in the data set
     shard, job          the shard that made it and its job index (job order = line order)
     tier, c_task        complexity tier 1..10 and C_task of the prompt (clvr.world.grammar)
@@ -27,14 +29,23 @@ Schema `clvr.trajectory`, version 1 (`SCHEMA_VERSION`); every key is required, n
     status              "accepted" | "failed" (the loop ended without a passing canvas) | "controller_error"
                         (the controller gave no valid step, see the rejected step's note) | "judge_mismatch"
                         (the loop's verifier passed it but the re-check did not: never accepted)
-    judge               {"passed", "reason"}: the re-check of `final` against `metadata`
+    judge               {"passed", "reason", "failures"}: the re-check of `final` against `metadata`; `failures`
+                        lists the broken constraints (clvr.judge.Failure.to_dict), `reason` is their text
     ended_by            "stop" | "max_iters" | "max_nfe"
     calls, nfe, retries, corrections, rejected    generator calls, network evaluations, retried steps,
                         correction steps, controller outputs rejected by the schema or the state
-    baseline            {"image", "passed", "reason"}: the single-step image for the same prompt and seed, judged
+    baseline            {"image", "passed", "reason", "failures"}: the single-step image for the same prompt and
+                        seed, judged
     ab                  the A/B verdict of `final` against the baseline (accepted trajectories; else null):
                         {"verdict": "win" | "tie" | "loss", "reason", "loop": score, "baseline": score} with
                         score = {"passed", "satisfied", "constraints", "artefact"} (see clvr.synthesize.ab_verdict)
+    grid                the world's grid size, which the steps' cells refer to (version 2)
+    macro               macro-step examples (version 2): each merges k >= 2 consecutive positive steps (the
+                        trajectory's kept steps, accepted) into one multi-op step for one generator call:
+                        {"steps": [their indices], "reference": the first one's input, "target": the last one's
+                        output, "step": {"op": "edit", "ops": [their steps]}}. The target is a verified generator
+                        output, never a rendered ground truth, and the detected scene of the target is exactly the
+                        multi-op step applied to the detected scene of the reference (clvr.synthesize.macro).
 
 A step (`TrajectoryStep`):
 
@@ -51,6 +62,10 @@ A step (`TrajectoryStep`):
                         failed passive verification is recorded (flagged kept=false) and never positive.
     nfe                 network evaluations of this call
     note                why a controller output was rejected (and its raw text), else ""
+
+Training reads examples through `load_examples` (both versions): one `Example` per positive step (k = 1) and one
+per macro-step entry (k >= 2), each the canvas before the call, the verified canvas after it, the trace (the
+instructions of the kept steps before it, oldest first) and the step.
 """
 
 from __future__ import annotations
@@ -64,9 +79,14 @@ import numpy as np
 
 from clvr.errors import ClvrError
 from clvr.io import load_png
+from clvr.steps import SchemaError, Step
+from clvr.world.vocab import GRID
 
 SCHEMA = "clvr.trajectory"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS = (1, 2)  # the versions this loader reads
+V2_KEYS = ("grid", "macro")  # keys version 1 lines lack
+MACRO_KEYS = ("steps", "reference", "target", "step")
 FILE = "trajectories.jsonl"
 STATUSES = ("accepted", "failed", "controller_error", "judge_mismatch")
 KINDS = ("plan", "correction", "retry", "generate", "rejected", "stop")
@@ -123,11 +143,17 @@ class Trajectory:
     rejected: int
     baseline: dict
     ab: dict | None
+    grid: int
+    macro: list
 
     def to_dict(self) -> dict:
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if self.version > 1 or f.name not in V2_KEYS}
         d["steps"] = [{f.name: getattr(s, f.name) for f in fields(s)} for s in self.steps]
         return d
+
+    def kept(self) -> list[TrajectoryStep]:
+        """The steps whose output became the canvas, in order (each one's input is the previous one's output)."""
+        return [s for s in self.steps if s.kept and s.output is not None]
 
     def to_line(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"), default=_plain) + "\n"
@@ -137,11 +163,15 @@ class Trajectory:
         """Validate one decoded line (schema and version first, then every key and its type)."""
         if not isinstance(d, dict):
             raise ClvrError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        if d.get("schema") != SCHEMA or d.get("version") != SCHEMA_VERSION:
+        if d.get("schema") != SCHEMA or d.get("version") not in READS or isinstance(d.get("version"), bool):
             raise SchemaVersionError(
                 f"{where}: schema {d.get('schema')!r} version {d.get('version')!r}; this loader reads "
-                f"{SCHEMA!r} version {SCHEMA_VERSION} (clvr.trajectories) - regenerate the data set with "
-                "`clvr synthesize` or use the clvr release that wrote it")
+                f"{SCHEMA!r} versions {', '.join(map(str, READS))} (clvr.trajectories) - regenerate the data set "
+                "with `clvr synthesize` or use the clvr release that wrote it")
+        if d["version"] == 1:
+            if any(k in d for k in V2_KEYS):
+                raise ClvrError(f"{where}: version 1 lines have no {[k for k in V2_KEYS if k in d]}")
+            d = {**d, "grid": GRID, "macro": []}
         _check_keys(d, Trajectory, where)
         steps = d["steps"]
         if not isinstance(steps, list):
@@ -198,6 +228,42 @@ def _check_values(t: Trajectory, where: str) -> None:
             raise ClvrError(f"{where}: step {s.index} is positive but not kept in an accepted trajectory")
     if t.ab is not None and t.ab.get("verdict") not in VERDICTS:
         raise ClvrError(f"{where}: ab verdict {t.ab.get('verdict')!r} not in {VERDICTS}")
+    trace: list[str] = []
+    for s in t.steps:
+        if s.output is not None and s.trace_text != ". ".join(trace):
+            raise ClvrError(f"{where}: step {s.index} trace_text is not the instructions of the kept steps before it")
+        if s.kept and s.output is not None:
+            trace.append(s.instruction)
+    if t.version > 1:
+        for key in ("judge", "baseline"):
+            f = getattr(t, key).get("failures")
+            if not isinstance(f, list) or (not f) != bool(getattr(t, key).get("passed")):
+                raise ClvrError(f"{where}: {key}.failures must list the broken constraints (none iff passed)")
+        chain = t.kept()
+        for i, m in enumerate(t.macro):
+            _check_macro(t, chain, m, f"{where}: macro[{i}]")
+
+
+def _check_macro(t: Trajectory, chain: list[TrajectoryStep], m: object, where: str) -> None:
+    """A macro-step entry merges consecutive positive steps: its reference, target and step follow from them."""
+    if not isinstance(m, dict) or sorted(m) != sorted(MACRO_KEYS):
+        raise ClvrError(f"{where}: expected an object with keys {list(MACRO_KEYS)}")
+    pos = {s.index: n for n, s in enumerate(chain)}
+    idx = m["steps"]
+    if not (isinstance(idx, list) and len(idx) >= 2
+            and all(isinstance(i, int) and not isinstance(i, bool) and i in pos for i in idx)):
+        raise ClvrError(f"{where}: steps must name >= 2 kept steps, got {idx!r}")
+    run = [chain[pos[i]] for i in idx]
+    if [pos[i] for i in idx] != list(range(pos[idx[0]], pos[idx[0]] + len(idx))) or not all(s.positive for s in run):
+        raise ClvrError(f"{where}: steps {idx} are not consecutive positive steps")
+    if m["reference"] != run[0].input or m["target"] != run[-1].output:
+        raise ClvrError(f"{where}: reference/target must be step {idx[0]}'s input and step {idx[-1]}'s output")
+    if m["step"] != {"op": "edit", "ops": [s.step for s in run]}:
+        raise ClvrError(f"{where}: step must be the edit of steps {idx}' ops in order")
+    try:
+        Step.from_dict(m["step"], t.grid)
+    except SchemaError as e:
+        raise ClvrError(f"{where}: {e}") from None
 
 
 # ---- reading -------------------------------------------------------------------------------------------------
@@ -236,26 +302,38 @@ def load_image(root: str | Path, rel: str) -> np.ndarray:
     return load_png(Path(root) / rel)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Example:
-    """One positive training example: edit `input` into `output` following `instruction`, conditioned on
-    `trace_text` (the earlier steps), for the trajectory's `prompt`."""
+    """One generator call to learn from (the interface training reads)."""
 
-    id: str
-    tier: int
-    prompt: str
-    trace_text: str
-    instruction: str
-    step: dict
-    input: np.ndarray
-    output: np.ndarray
+    reference: Path  # PNG: the canvas before the call
+    target: Path  # PNG: the verified canvas after it (generator output, never rendered ground truth)
+    trace: tuple[str, ...]  # instruction texts of the earlier steps (the reasoning trace), oldest first
+    step: Step  # single- or multi-op step; k = len(step.parts())
+
+    @property
+    def k(self) -> int:
+        return len(self.step.parts())
 
 
-def positive_examples(path: str | Path) -> Iterator[Example]:
-    """The positive steps (kept steps of accepted trajectories) with their images loaded: what SFT trains on."""
+def trajectory_examples(t: Trajectory, root: Path) -> list[Example]:
+    """An accepted trajectory's examples: each positive step (k = 1), then each macro-step entry (k >= 2)."""
+    if not t.accepted:
+        return []
+    trace: dict[int, tuple[str, ...]] = {}  # step index -> instructions of the kept steps before it
+    done: list[str] = []
+    for s in t.kept():
+        trace[s.index] = tuple(done)
+        done.append(s.instruction)
+    out = [Example(root / s.input, root / s.output, trace[s.index], Step.from_dict(s.step, t.grid))
+           for s in t.kept() if s.positive]
+    out += [Example(root / m["reference"], root / m["target"], trace[m["steps"][0]], Step.from_dict(m["step"], t.grid))
+            for m in t.macro]
+    return out
+
+
+def load_examples(path: str | Path) -> list[Example]:
+    """Every training example of a data set (folder or JSONL, schema version 1 or 2): per accepted trajectory, its
+    positive steps (k = 1), then its macro-step examples (k >= 2; version 1 data sets have none)."""
     root = dataset_file(path).parent
-    for t in load_trajectories(path, accepted_only=True):
-        for s in t.steps:
-            if s.positive:
-                yield Example(t.id, t.tier, t.prompt, s.trace_text, s.instruction, s.step,
-                              load_image(root, s.input), load_image(root, s.output))
+    return [e for t in load_trajectories(path, accepted_only=True) for e in trajectory_examples(t, root)]

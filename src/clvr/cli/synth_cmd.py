@@ -59,7 +59,7 @@ def bench_synthesize(overrides: Optional[List[str]] = OverridesArg, profile: str
                                                        "earlier synthesize run made it, else it must be new or "
                                                        "empty (default: <synthesize.out>-bench)")) -> None:
     """Time a full data-engine run from scratch. Last line: JSON with trajectories_per_min, accepted_per_min,
-    acceptance_per_tier, ab_win_or_tie and whether the target (>= 2000 accepted in <= 600 s) was met."""
+    acceptance_per_tier, ab_win_or_tie, training examples per k and whether the target (>= 2000 accepted in <= 600 s) was met."""
     from dataclasses import replace
 
     from clvr import synthesize
@@ -86,6 +86,7 @@ def bench_synthesize(overrides: Optional[List[str]] = OverridesArg, profile: str
         "accepted": int(m["accepted"]),
         "trajectories": int(m["trajectories"]),
         "mean_steps": m["mean_steps"],
+        "examples_per_k": {k.rsplit("_", 1)[1]: int(v) for k, v in m.items() if k.startswith("examples_k_")},
         "wall_s": m["wall_s"],
         "workers": workers or cfg.synthesize.workers,
         "threads_per_worker": cfg.synthesize.threads,

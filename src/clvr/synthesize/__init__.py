@@ -8,7 +8,13 @@ example) and active verification driving corrections until STOP or a budget (clv
 * acceptance: the final canvas is written as PNG, read back and judged against the prompt's own GenEval
   metadata; only a pass is accepted (checked on the written file, never taken from the loop's own verdict);
 * A/B: the single-step baseline for the same prompt and seed (one text-to-image call) is judged the same
-  way and compared with the final canvas (`ab_verdict`).
+  way and compared with the final canvas (`ab_verdict`);
+* macro-step examples: runs of consecutive verified steps of an accepted trajectory merged into one multi-op
+  step whose target is the later verified canvas (`clvr.synthesize.macro`).
+
+Modules: `jobs` (the work list and the fingerprint), `engine` (one process's loop over whole shards, the worker
+pool), `shards` (commit, resume, merge), `ab` (the A/B judge), `macro` (macro-step examples), `report` (metrics
+and the dataset card); this module is the stage (`run`).
 
 Work, determinism, exactly once. Job j is tier `tiers[j % len(tiers)]` (tiers interleave), its prompt comes from
 `default_rng([seed, tier, j // len(tiers)])` and its loop seed is `seed * 1000003 + j`. Jobs are cut into shards
@@ -95,7 +101,7 @@ def run(cfg: Config, workers: int | None = None, log: Log = _stderr) -> dict:
         f"{min(workers, max(1, len(todo)))} worker(s); generator {s.generator}, model {model}")
     run_shards(cfg, model, todo, workers, log)
     trajs = merge(out, s)
-    metrics = dataset_metrics(trajs, list(s.tiers))
+    metrics = dataset_metrics(trajs, list(s.tiers), s.macro_max_k)
     metrics["wall_s"] = round(time.perf_counter() - t0, 3)
     atomic_write_text(out / "dataset_card.md", dataset_card(trajs, metrics, cfg, model))
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))

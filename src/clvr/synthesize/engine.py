@@ -20,6 +20,7 @@ from clvr.io import load_png
 from clvr.registry import ORACLES
 from clvr.synthesize.ab import ab_verdict, image_score
 from clvr.synthesize.jobs import Log, job_prompt, job_seed, n_shards, shard_jobs, traj_id
+from clvr.synthesize.macro import macro_examples
 from clvr.synthesize.shards import BLANK, commit_shard, shard_file, write_png
 from clvr.trajectories import SCHEMA, SCHEMA_VERSION, Trajectory, TrajectoryStep
 
@@ -63,13 +64,14 @@ class Engine:
         from clvr.loop.vlm_controller import controller_error
 
         tid = traj_id(j)
-        steps, final = self.write_steps(tid, tr)
+        steps, final, canvases = self.write_steps(tid, tr)
         base_rel = f"images/{tid}/baseline.png"
         write_png(self.out / base_rel, base.final)
         loop_score, base_score = self.score(md, final, tr.final), self.score(md, base_rel, base.final)
         accepted = loop_score["passed"]
         for st in steps:
             st.positive = st.kept and accepted
+        macro = macro_examples(steps, canvases, self.cfg.world.grid, self.s.macro_max_k) if accepted else []
         status = ("accepted" if accepted else "controller_error" if controller_error(tr) else
                   "judge_mismatch" if tr.passed else "failed")
         return Trajectory(
@@ -77,29 +79,32 @@ class Engine:
             c_task=float(md["c_task"]), prompt=md["prompt"], metadata=md, seed=tr.seed, generator=tr.generator,
             controller=getattr(self.controller, "name", type(self.controller).__name__), target=tr.target,
             steps=steps, final=final, accepted=accepted, status=status,
-            judge={"passed": accepted, "reason": loop_score["reason"]}, ended_by=tr.ended_by, calls=tr.calls,
-            nfe=tr.nfe, retries=tr.retries, corrections=tr.corrections, rejected=tr.rejected,
-            baseline={"image": base_rel, "passed": base_score["passed"], "reason": base_score["reason"]},
-            ab=ab_verdict(loop_score, base_score, self.s.ab_margin) if accepted else None)
+            judge={k: loop_score[k] for k in ("passed", "reason", "failures")}, ended_by=tr.ended_by,
+            calls=tr.calls, nfe=tr.nfe, retries=tr.retries, corrections=tr.corrections, rejected=tr.rejected,
+            baseline={"image": base_rel, **{k: base_score[k] for k in ("passed", "reason", "failures")}},
+            ab=ab_verdict(loop_score, base_score, self.s.ab_margin) if accepted else None,
+            grid=self.cfg.world.grid, macro=macro)
 
-    def write_steps(self, tid: str, tr) -> tuple[list[TrajectoryStep], str]:
+    def write_steps(self, tid: str, tr) -> tuple[list[TrajectoryStep], str, dict[str, np.ndarray]]:
         """Every step's output as images/<tid>/NN.png; a step's input is the canvas the last kept step left.
-        Returns the steps and the final canvas's path."""
+        Returns the steps, the final canvas's path and every step input and output by path."""
         folder = self.out / "images" / tid
         shutil.rmtree(folder, ignore_errors=True)  # left by a killed run of this shard
         folder.mkdir(parents=True)
-        canvas, steps = BLANK, []
+        canvas, steps, canvases = BLANK, [], {}
         for r in tr.steps:
             inp = outp = None
             if r.output is not None:
                 inp, outp = canvas, f"images/{tid}/{r.index:02d}.png"
                 write_png(self.out / outp, r.output)
+                canvases.setdefault(inp, r.input)
+                canvases[outp] = r.output
                 if r.accepted:
                     canvas = outp
             note = r.note + (f" | raw: {r.raw}" if r.raw else "")
             steps.append(TrajectoryStep(r.index, r.kind, r.step, r.instruction, r.trace_text, r.seed, inp, outp,
                                         r.passive, r.active, bool(r.accepted), False, int(r.nfe), note))
-        return steps, canvas
+        return steps, canvas, canvases
 
     def score(self, md: dict, rel: str, expected: np.ndarray) -> dict:
         """`image_score` of a written image, read back from disk (and checked to be the image the loop made)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from clvr.config import Config
+from clvr.synthesize.macro import examples_per_k
 from clvr.trajectories import FILE, SCHEMA, SCHEMA_VERSION, Trajectory
 
 
-def dataset_metrics(trajs: list[Trajectory], tiers: list[int]) -> dict[str, float]:
+def dataset_metrics(trajs: list[Trajectory], tiers: list[int], max_k: int) -> dict[str, float]:
     acc = [t for t in trajs if t.accepted]
     ab = [t.ab["verdict"] for t in acc]
     m: dict[str, float] = {
@@ -29,6 +30,10 @@ def dataset_metrics(trajs: list[Trajectory], tiers: list[int]) -> dict[str, floa
         "ab_loss_rate": _mean([v == "loss" for v in ab]),
         "ab_win_or_tie": _mean([v != "loss" for v in ab]),
     }
+    per_k = examples_per_k(trajs, max_k)
+    m["examples"] = float(sum(per_k.values()))
+    for k, n in per_k.items():
+        m[f"examples_k_{k}"] = float(n)
     for tier in tiers:
         mine = [t for t in trajs if t.tier == tier]
         m[f"trajectories_tier_{tier}"] = float(len(mine))
@@ -59,6 +64,8 @@ def dataset_card(trajs: list[Trajectory], m: dict, cfg: Config, model: str) -> s
         rows.append(f"| {tier} | {len(mine)} | {len(acc)} | {_mean([t.accepted for t in mine]):.3f} | "
                     f"{_mean([t.calls for t in acc]):.2f} | {_mean([v == 'win' for v in verdicts]):.3f} | "
                     f"{_mean([v != 'loss' for v in verdicts]):.3f} | {_mean([t.baseline['passed'] for t in mine]):.3f} |")
+    ks = sorted(int(k.rsplit("_", 1)[1]) for k in m if k.startswith("examples_k_"))
+    per_k = "\n".join(f"| {k} | {int(m[f'examples_k_{k}'])} |" for k in ks)
     controller = trajs[0].controller if trajs else cfg.loop.controller
     generator = trajs[0].generator if trajs else s.generator
     return f"""# Trajectory data set (clvr `synthesize`)
@@ -68,8 +75,10 @@ generator acts one grounded step at a time, passive verification gates every ste
 flagged `kept: false`, never `positive`), active verification drives corrections. A trajectory is accepted
 only if its final canvas, read back from the written PNG, passes the GenEval-format judge on the prompt's own
 metadata. Accepted trajectories are A/B-judged against the single-step baseline for the same prompt and seed.
+Their verified steps are also merged into macro-step examples (one multi-op step for one generator call).
 
-- schema: `{SCHEMA}` version {SCHEMA_VERSION} (documented and loaded by `clvr.trajectories.load_trajectories`)
+- schema: `{SCHEMA}` version {SCHEMA_VERSION} (documented and loaded by `clvr.trajectories.load_trajectories`;
+  training examples by `clvr.trajectories.load_examples`)
 - generator: `{generator}` (model `{model}`, {_sampler(cfg, trajs)}); controller: `{controller}`; verifier: `{cfg.loop.verifier}`
 - prompts: {s.n_per_tier} per tier, tiers {list(s.tiers)}, seed {s.seed}; loop budget max_iters
   {cfg.loop.max_iters}, max_nfe {cfg.loop.max_nfe}, retries_per_step {cfg.loop.retries_per_step}
@@ -87,6 +96,19 @@ metadata. Accepted trajectories are A/B-judged against the single-step baseline 
 | tier | trajectories | accepted | acceptance | mean steps | A/B win | A/B win or tie | single-step pass |
 |---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
+
+## Training examples per k
+
+One example is one generator call to learn from: (reference canvas, trace, step, regions) -> target canvas. k = 1:
+the positive steps (kept steps of accepted trajectories). k >= 2: macro-step examples, each merging k consecutive
+positive steps of one trajectory into one multi-op step whose target is the later verified canvas (the generator's
+own output, never a rendered ground truth); merged only when no two ops share a cell and the detected scene of the
+target is exactly the k ops applied to the detected scene of the reference. Runs of up to {s.macro_max_k} steps
+(`synthesize.macro_max_k`).
+
+| k | examples |
+|---|---|
+{per_k}
 
 ## A/B comparison
 
