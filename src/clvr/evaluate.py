@@ -22,6 +22,7 @@ import numpy as np
 from clvr.config import Config
 from clvr.errors import ClvrError
 from clvr.io import atomic_write_text, save_figure, save_png
+from clvr.registry import is_checkpoint
 
 MODEL_STAGES = ("pretrain", "distill")  # config sections whose `<out>/final` is a generator
 
@@ -29,7 +30,7 @@ MODEL_STAGES = ("pretrain", "distill")  # config sections whose `<out>/final` is
 def generators_to_evaluate(cfg: Config) -> dict[str, Path]:
     """Stage name -> its final/ folder, for the stages that have produced one."""
     found = {s: Path(getattr(cfg, s).out) / "final" for s in MODEL_STAGES}
-    found = {s: p for s, p in found.items() if (p / "model_index.json").is_file()}
+    found = {s: p for s, p in found.items() if is_checkpoint(p)}
     if not found:
         wanted = ", ".join(str(Path(getattr(cfg, s).out) / "final") for s in MODEL_STAGES)
         raise ClvrError(f"nothing to evaluate: no generator at {wanted} (run the pretrain stage first)")
