@@ -320,3 +320,21 @@ def test_debris_beside_a_right_object_is_cleared_by_remove_then_add(roles):
     ops = [s.step["op"] for s in tr.steps if s.output is not None]
     assert tr.steps[0].active["crowded"] == [list(o.cell)] and not tr.steps[0].active["ok"]
     assert ops == ["add", "remove", "add"] and tr.passed
+
+
+def test_transition_error_checks_multi_op_steps_part_by_part():
+    """A multi-op step runs only if every part fits the scene, and its adds fit the free cells."""
+    scene = Scene(tuple(Obj("circle", "red", r, c) for r in range(4) for c in range(4) if (r, c) not in ((0, 0), (0, 1))))
+    add = lambda r, c: {"op": "add", "shape": "square", "color": "blue", "cell": [r, c]}  # noqa: E731
+    ok = Step.from_dict({"op": "edit", "ops": [add(0, 0), add(0, 1)]})
+    assert transition_error(ok, scene, calls=1) is None
+    three = Step.from_dict({"op": "edit", "ops": [add(0, 0), add(0, 1), add(1, 1)]})
+    assert "needs 3 free cells" in transition_error(three, scene, calls=1)
+    moved = Step.from_dict({"op": "edit", "ops": [add(0, 0), {"op": "move", "shape": "circle", "color": "red",
+                                                               "cell": [2, 2], "to": [0, 1]}]})
+    assert transition_error(moved, scene, calls=1) is None
+    wrong = Step.from_dict({"op": "edit", "ops": [add(0, 0), {"op": "remove", "shape": "square", "color": "red",
+                                                               "cell": [3, 3]}]})
+    assert transition_error(wrong, scene, calls=1).startswith("edit ops[1]: remove names a red square")
+    taken = Step.from_dict({"op": "edit", "ops": [add(0, 0), add(2, 2)]})
+    assert transition_error(taken, scene, calls=1).startswith("edit ops[1]: add needs a free cell")

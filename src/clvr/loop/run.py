@@ -32,7 +32,18 @@ from clvr.world.scene import Scene
 
 
 def transition_error(step: Step, scene: Scene, calls: int) -> str | None:
-    """Why `step` may not run on a canvas holding `scene` after `calls` generator calls (None = allowed)."""
+    """Why `step` may not run on a canvas holding `scene` after `calls` generator calls (None = allowed).
+    A multi-op step is checked part by part against the scene (its parts never share a cell), after a count:
+    its adds and move destinations need that many free cells."""
+    if step.op == "edit":
+        need, free = sum(p.op in ("add", "move") for p in step.ops), len(scene.free_cells())
+        if need > free:
+            return f"edit needs {need} free cells (adds and move destinations) but the scene has {free}"
+        for i, part in enumerate(step.ops):
+            err = transition_error(part, scene, calls)
+            if err:
+                return f"edit ops[{i}]: {err}"
+        return None
     if step.op == "stop":
         return None
     if step.op == "generate":
