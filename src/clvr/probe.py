@@ -233,8 +233,8 @@ def plot_probe(result: dict, path: Path) -> None:
     curves = [("single", result["single"], "o--")]
     if result.get("budgets"):  # one curve per call budget (the config's own loop is one of them or drawn too)
         labels = list(result["budgets"])
-        curves += [(f"loop, {'unbounded' if b == 'unbounded' else '<= ' + b + ' call' + 's' * (b != '1')}",
-                    result["budgets"][b], "s-") for b in labels]
+        curves += [("loop, " + (b if b == "unbounded" else f"≤ {b} call{'s' * (b != '1')}"), result["budgets"][b], "s-")
+                   for b in labels]
         if not any(r is result["loop"] for r in result["budgets"].values()):
             curves.append(("loop (config budget)", result["loop"], "s:"))
     else:
@@ -284,10 +284,12 @@ def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None =
         log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
         write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows], "eval geneval-world",
                              is_geneval_layout)
+    loop_rows = rows  # MODES ends with "loop": the config's own budget
     if max_calls:
         result["budgets"] = {}
         for b in max_calls:
-            rows = run_mode(with_budget(cfg, b), generator, prompts, "loop", cfg.eval.seed)
+            rows = loop_rows if b == cfg.loop.max_calls else run_mode(with_budget(cfg, b), generator, prompts,
+                                                                      "loop", cfg.eval.seed)
             for r, md in zip(rows, prompts):
                 r["c_task"] = c_task(md)
                 r["tier"] = tier_of(r["c_task"])
