@@ -24,8 +24,10 @@ bench-generator; default {1: 1.0}: nothing is known about k > 1, so one op per c
   no k can finish (too few calls) the one that gets the most done wins (ties: the most ops done per call,
   then the smaller k).
 Both model a k-op call as all-or-nothing with the measured success (the loop keeps the ops that pass, so
-this is the pessimistic case). With today's shipped generators (success ~0.01 at k = 2) both rules keep one
-op per call; the one exception is the last call with two ops left, where k = 2 is the only chance to finish.
+this is the pessimistic case). A table that overrates the generator does not cost the prompt: every call
+that keeps at least one op is progress, and its failed ops do not use up their tries (clvr.loop.run).
+With today's shipped generators (success ~0.01 at k = 2) both rules keep one op per call; the one exception
+is the last call with two ops left, where k = 2 is the only chance to finish.
 """
 
 from __future__ import annotations
@@ -210,7 +212,8 @@ class WorldController:
             ready = [s for s, n in zip(todo, tries) if n < bound]
             if ready:
                 calls_left = state.max_calls - state.calls if state.max_calls else None
-                return group(ready, ops_per_call(len(todo), calls_left, self.k_success), state.scene)
+                k = ops_per_call(len(todo), calls_left, self.k_success)
+                return group(ready, k, state.scene)
         return STOP  # nothing left worth trying: the loop ends and reports the judge's verdict
 
 

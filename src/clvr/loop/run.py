@@ -9,8 +9,8 @@ Guards, in the loop itself (a controller cannot get past them):
   remove/recolor/move need that object at that cell, add needs a free cell, generate only first, move to a
   free cell); anything else is rejected, counted and recorded, never executed;
 * budgets: `max_iters` controller outputs (rejected ones count), `max_nfe` network evaluations (a call is
-  not started when the largest call so far would overrun it) and `max_calls` generator calls (0 = none; a
-  step proposed after the last call is not run) always end the loop;
+  not started when the largest call so far would overrun it) and `max_calls` generator calls (0 = none)
+  always end the loop;
 * a step that fails passive verification is undone (the canvas stays the previous one); the controller
   then decides to retry it (every call gets a new seed) or to correct.
 
@@ -19,9 +19,14 @@ of its ops pass, the step is *partly kept* (`keep_parts`): the new canvas is the
 cells of the ops that passed taken from the output, and every other pixel kept. Why not undo it all: a
 call costs budget, and the ops that passed are exactly as good as the same ops done one per call (their
 cells are verified again on the composed canvas, and no other cell changes, so nothing already right can
-break); undoing them would spend calls redoing verified work, while the failed ops are simply still to do
-(each counts one failed try, like a failed single-op step). Cells are disjoint (a sprite never leaves its
-cell), so composing by cells is exact in the world.
+break); undoing them would spend calls redoing verified work, while the failed ops are simply still to
+do. A failed op counts one failed try (the controller sets an op aside after `retries_per_step` + 1) only
+when its call kept nothing: ops a call could not fit beside the ones it kept are no evidence against
+themselves, and every such call is progress. (Measured with the shipped distilled generator, which mostly
+draws one op of a multi-op instruction, and a table claiming every k works: the unbounded loop still passes
+every probe prompt, in 4.5 calls instead of 5.9, and at <= 4 calls passes 0.57 instead of 0.37; counting
+those tries made it give up on dense prompts.) Cells are disjoint (a sprite never leaves its cell), so
+composing by cells is exact in the world.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         if state.nfe >= budget.max_nfe or state.nfe + max_call_nfe > budget.max_nfe:
             trace.ended_by = "max_nfe"
             break
+        if budget.max_calls and state.calls >= budget.max_calls:  # the controller is not even asked
+            trace.ended_by = "max_calls"
+            break
         state.iteration += 1
         index = len(trace.steps)
 
@@ -106,9 +114,6 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         if step.op == "stop":
             trace.steps.append(StepRecord(index, "stop", step.to_dict(), instruction="stop"))
             trace.ended_by = "stop"
-            break
-        if budget.max_calls and state.calls >= budget.max_calls:
-            trace.ended_by = "max_calls"
             break
         parts = step.parts()
         kind = ("generate" if step.op == "generate" else "retry" if any(state.failures.get(step_key(p)) for p in parts)
@@ -142,8 +147,8 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
             accepted.append(". ".join(p.instruction() for p in kept))
             state.scene, state.canvas = seen.scene, canvas
             state.active = verifier.active(seen, plan)
-        for p in parts:
-            if p not in kept:
+        for p in parts:  # a failed try each, except the ops a multi-op call could not fit beside the ones it kept
+            if p not in kept and not (kept and step.op == "edit"):
                 state.failures[step_key(p)] = state.failures.get(step_key(p), 0) + 1
         if "kept" in passive:
             record.note = f"partly kept: ops {passive['kept']} of {len(parts)} passed; the others undone"
