@@ -115,6 +115,10 @@ def test_probe_and_geneval_world_report_each_call_budget(tmp_path):
     assert res["budgets"]["1"]["calls_mean"] == 1.0 and res["loop"]["calls_mean"] == 1.0
     on_disk = json.loads((tmp_path / "a" / "probe.json").read_text())
     assert on_disk["budgets"]["2"]["per_tier"] == res["budgets"]["2"]["per_tier"] and "auc" in on_disk["loop"]
+    from clvr.probe import plot_probe
+
+    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "loop, ≤ 1 call", "loop, ≤ 2 calls",
+                                                        "loop, unbounded"]  # one curve per budget
     rows = [json.loads(r) for r in (tmp_path / "a" / "probe_rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
 

@@ -223,7 +223,9 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
     return result
 
 
-def plot_probe(result: dict, path: Path) -> None:
+def plot_probe(result: dict, path: Path) -> list[str]:
+    """Pass rate vs C_task: single step, and the loop at each call budget (or the config's loop); returns
+    the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +237,7 @@ def plot_probe(result: dict, path: Path) -> None:
         labels = list(result["budgets"])
         curves += [("loop, " + (b if b == "unbounded" else f"≤ {b} call{'s' * (b != '1')}"), result["budgets"][b], "s-")
                    for b in labels]
-        if not any(r is result["loop"] for r in result["budgets"].values()):
+        if result["loop"] not in result["budgets"].values():
             curves.append(("loop (config budget)", result["loop"], "s:"))
     else:
         curves.append(("loop", result["loop"], "s-"))
@@ -255,6 +257,7 @@ def plot_probe(result: dict, path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+    return [label for label, _, _ in curves]
 
 
 # ---- GenEval suites in the world ----------------------------------------------------------------------
