@@ -96,3 +96,51 @@ def test_geneval_world_folders_score_the_same_with_the_judge(tmp_path):
         scored = score_folder(tmp_path / "geneval-world" / mode)
         assert scored["overall"] == pytest.approx(res[mode]["overall"], abs=1e-3)
     assert res["single"]["overall"] < 1.0  # p_err 0.5 spoils some single-step images
+
+
+def test_probe_and_geneval_world_report_each_call_budget(tmp_path):
+    """Budgets 1, 2 and unbounded with a generator that does k ops per call (the oracle) and a success table
+    saying so: pass and AUC per budget; without the table (one op per call) budget 1 passes only 1-op prompts."""
+    from clvr.loop.oracle import OracleGenerator
+
+    table = tmp_path / "k.json"
+    table.write_text(json.dumps({str(k): 1.0 for k in (1, 2, 4, 8, 16)}))
+    cfg = load_config("ci", [f"loop.k_success={table}"])
+    res = run_probe(cfg, OracleGenerator(), n_per_tier=2, tiers=(1, 5, 9), out=tmp_path / "a",
+                    log=lambda *_: None, max_calls=[1, 2, 0])
+    assert list(res["budgets"]) == ["1", "2", "unbounded"]
+    for b in res["budgets"].values():
+        assert b["pass"] == 1.0 and b["auc"] == 100.0
+    assert res["budgets"]["unbounded"] is res["loop"] or res["budgets"]["unbounded"] == res["loop"]
+    assert res["budgets"]["1"]["calls_mean"] == 1.0 and res["loop"]["calls_mean"] == 1.0
+    on_disk = json.loads((tmp_path / "a" / "probe.json").read_text())
+    assert on_disk["budgets"]["2"]["per_tier"] == res["budgets"]["2"]["per_tier"] and "auc" in on_disk["loop"]
+    from clvr.probe import plot_probe
+
+    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "loop, ≤ 1 call", "loop, ≤ 2 calls",
+                                                        "loop, unbounded"]  # one curve per budget
+    rows = [json.loads(r) for r in (tmp_path / "a" / "probe_rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
+
+    one_op = run_probe(load_config("ci"), OracleGenerator(), n_per_tier=2, tiers=(1, 5, 9), out=tmp_path / "b",
+                       log=lambda *_: None, max_calls=[1])
+    b1 = one_op["budgets"]["1"]
+    assert b1["per_tier"]["9"] == 0.0 and b1["pass"] < 1.0 and one_op["loop"]["pass"] == 1.0
+    assert b1["auc"] < one_op["loop"]["auc"]
+
+    gw = run_geneval_world(cfg, OracleGenerator(), n_per_tag=1, out=tmp_path / "c", log=lambda *_: None,
+                           max_calls=[1, 0])
+    assert gw["budgets"]["1"]["overall"] == gw["budgets"]["unbounded"]["overall"] == 1.0
+    assert gw["budgets"]["1"]["calls_mean"] == 1.0 and {"pass", "auc", "per_tag"} <= set(gw["budgets"]["1"])
+    assert gw["loop"]["overall"] == 1.0  # the mode results stay as they were
+
+
+def test_parse_budgets():
+    from clvr.errors import ClvrError
+    from clvr.probe import parse_budgets
+
+    assert parse_budgets(["1,2,3,4,unbounded"]) == [1, 2, 3, 4, 0]
+    assert parse_budgets(["2", "2", "inf", "1"]) == [2, 0, 1]
+    for bad in ("-1", "x", "1.5", ""):
+        with pytest.raises(ClvrError, match="not a call budget"):
+            parse_budgets([bad])

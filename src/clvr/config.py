@@ -280,10 +280,15 @@ class SampleCfg:
 @dataclass
 class LoopCfg:
     """The closed loop (clvr.loop). Budgets always end it: `max_iters` controller outputs, `max_nfe`
-    network evaluations (base at 28 steps + CFG spends 56 per call, distilled 4)."""
+    network evaluations (base at 28 steps + CFG spends 56 per call, distilled 4), and `max_calls` generator
+    calls (0 = no call budget). The world controller groups the remaining ops into multi-op steps from the
+    calls left and the generator's success per ops-per-call k (`k_success`: a JSON file, e.g. bench-generator's
+    output, `path#row` to pick a row; "" = only k = 1 is known to work, so one op per call)."""
 
     max_iters: int = 32
     max_nfe: int = 1800
+    max_calls: int = 0
+    k_success: str = ""
     retries_per_step: int = 2
     controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator)
     verifier: str = "world"
@@ -293,6 +298,7 @@ class LoopCfg:
 
     def check(self, name: str) -> None:
         need_all(self, name, "max_iters max_nfe max_prompt_chars", at_least(1), ">= 1")
+        need(at_least(0)(self.max_calls), f"{name}.max_calls", ">= 0 (0 = no call budget)", self.max_calls)
         need(at_least(0)(self.retries_per_step), f"{name}.retries_per_step", ">= 0", self.retries_per_step)
         need_all(self, name, "controller verifier generator model", nonempty, "a non-empty name")
 

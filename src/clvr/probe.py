@@ -6,6 +6,11 @@
 * `run_geneval_world`: the six GenEval suites in world vocabulary, both modes, judged.
 * `run_speed`: the efficiency table: 1-4 loop iterations x (base at 28 steps + CFG, distilled at 4 NFE).
 
+Call budgets. The probe and geneval-world also run the loop at each of `max_calls` budgets (generator calls
+per prompt, 0 = unbounded; `loop.max_calls`), with the budget-aware controller, and report each budget's
+pass rate and AUC under "budgets" (keys "1", "2", ..., "unbounded"). "single" and "loop" (the loop at the
+config's own budget) stay as they were; a budget equal to the config's reuses the "loop" run.
+
 AUC Pass. For tier t let c_t be the mean C_task of its prompts and p_t its pass rate. Then
     AUC = 100 * sum_t (c_{t+1} - c_t) * (p_t + p_{t+1}) / 2  /  (c_T - c_1),
 the trapezoid area under pass rate vs C_task over the probed range, normalised so that passing every prompt
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from clvr.config import Config, validate
+from clvr.errors import ClvrError
 from clvr.generator import Generator
 from clvr.loop.run import build_roles, run_loop, run_many
 from clvr.io import atomic_write_text
@@ -121,6 +127,32 @@ def run_mode(cfg: Config, generator: Generator, prompts: list[dict], mode: str, 
     return rows
 
 
+def budget_label(max_calls: int) -> str:
+    return str(max_calls) if max_calls else "unbounded"
+
+
+def parse_budgets(values: list[str] | str) -> list[int]:
+    """`--max-calls` values ("1,2,3,4,unbounded", repeatable; 0, "unbounded", "inf" = no budget) -> [1, 2, 3, 4, 0]
+    (order kept, duplicates dropped); a ClvrError names a bad value."""
+    out: list[int] = []
+    for item in [values] if isinstance(values, str) else values:
+        for v in str(item).split(","):
+            v = v.strip().lower()
+            if v in ("unbounded", "inf", "none", "0"):
+                b = 0
+            elif v.isdigit() and 1 <= int(v) <= 1000:
+                b = int(v)
+            else:
+                raise ClvrError(f"--max-calls: {v!r} is not a call budget (1..1000, or unbounded)")
+            if b not in out:
+                out.append(b)
+    return out
+
+
+def with_budget(cfg: Config, max_calls: int) -> Config:
+    return replace(cfg, loop=replace(cfg.loop, max_calls=max_calls))
+
+
 def summarize(rows: list[dict], capacity: float | None) -> dict:
     tiers = sorted({r["tier"] for r in rows})
     by = {t: [r for r in rows if r["tier"] == t] for t in tiers}
@@ -129,6 +161,7 @@ def summarize(rows: list[dict], capacity: float | None) -> dict:
     passed_c = [r["c_task"] for r in rows if r["passed"]]
     return {
         "auc": round(auc_pass([c_mean[t] for t in tiers], [rate[t] for t in tiers]), 2),
+        "pass": round(float(np.mean([r["passed"] for r in rows])), 3),
         "i_eff": capacity,
         "per_tier": {str(t): round(rate[t], 3) for t in tiers},
         "c_task_per_tier": {str(t): round(c_mean[t], 2) for t in tiers},
@@ -147,9 +180,10 @@ def summarize(rows: list[dict], capacity: float | None) -> dict:
 # ---- the probe -------------------------------------------------------------------------------------------
 
 def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, tiers=TIERS,
-              out: str | Path | None = None, log=print) -> dict:
-    """Single-step vs loop on the same held-out prompts and the same generator. Writes probe.json,
-    probe_rows.jsonl and probe.png under `out` (default cfg.eval.out) and returns the summary."""
+              out: str | Path | None = None, log=print, max_calls: list[int] | None = None) -> dict:
+    """Single-step vs loop on the same held-out prompts and the same generator, and the loop at each call
+    budget in `max_calls` (0 = unbounded; see the module docstring). Writes probe.json, probe_rows.jsonl
+    (budget runs' rows carry "max_calls") and probe.png under `out` (default cfg.eval.out); returns the summary."""
     validate(cfg)
     n = n_per_tier or cfg.eval.n_per_tier
     prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
@@ -163,6 +197,20 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
             f"{result[mode]['calls_mean']:.2f} calls  {result[mode]['s_per_prompt']:.3f} s/prompt  "
             f"({time.perf_counter() - t:.1f} s)")
         rows_all += [{**{k: v for k, v in r.items() if k != "final"}, "mode": mode} for r in rows]
+    if max_calls:
+        result["budgets"] = {}
+        for b in max_calls:
+            label = budget_label(b)
+            if b == cfg.loop.max_calls:
+                result["budgets"][label] = result["loop"]
+                continue
+            t = time.perf_counter()
+            rows = run_mode(with_budget(cfg, b), generator, prompts, "loop", cfg.eval.seed)
+            result["budgets"][label] = summarize(rows, capacity)
+            r = result["budgets"][label]
+            log(f"loop, max {label} calls: auc {r['auc']:.1f}  pass {r['pass']:.3f}  pass/tier "
+                f"{list(r['per_tier'].values())}  {r['calls_mean']:.2f} calls  ({time.perf_counter() - t:.1f} s)")
+            rows_all += [{**{k: v for k, v in r_.items() if k != "final"}, "mode": "loop", "max_calls": b} for r_ in rows]
     result["auc_ratio"] = round(result["loop"]["auc"] / result["single"]["auc"], 3) if result["single"]["auc"] else None
     result["generator"] = getattr(generator, "name", type(generator).__name__)
     result["n_per_tier"] = n
@@ -175,40 +223,53 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
     return result
 
 
-def plot_probe(result: dict, path: Path) -> None:
+def plot_probe(result: dict, path: Path) -> list[str]:
+    """Pass rate vs C_task: single step, and the loop at each call budget (or the config's loop); returns
+    the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    for mode, style in (("single", "o--"), ("loop", "s-")):
-        r = result[mode]
+    curves = [("single", result["single"], "o--")]
+    if result.get("budgets"):  # one curve per call budget (the config's own loop is one of them or drawn too)
+        labels = list(result["budgets"])
+        curves += [("loop, " + (b if b == "unbounded" else f"≤ {b} call{'s' * (b != '1')}"), result["budgets"][b], "s-")
+                   for b in labels]
+        if result["loop"] not in result["budgets"].values():
+            curves.append(("loop (config budget)", result["loop"], "s:"))
+    else:
+        curves.append(("loop", result["loop"], "s-"))
+    for label, r, style in curves:
         tiers = list(r["per_tier"])
         ax.plot([r["c_task_per_tier"][t] for t in tiers], [r["per_tier"][t] for t in tiers], style,
-                label=f"{mode} (AUC {r['auc']:.1f})")
+                label=f"{label} (AUC {r['auc']:.1f})")
     ax.set_xlabel("C_task (mean per tier)")
     ax.set_ylabel("pass rate")
     ax.set_ylim(-0.03, 1.03)
     cap = result["loop"]["i_eff"]
     ax.set_title(f"{result['generator']}: single-step vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+    return [label for label, _, _ in curves]
 
 
 # ---- GenEval suites in the world ----------------------------------------------------------------------
 
 def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None = None,
-                      out: str | Path | None = None, log=print) -> dict:
+                      out: str | Path | None = None, log=print, max_calls: list[int] | None = None) -> dict:
     """The six GenEval suites through generation + the judge, in both modes. Also writes each mode's images
     in GenEval's folder layout (out/geneval-world/<mode>/NNNNN/{metadata.jsonl,samples/0000.png}) so
-    `clvr eval geneval` can score them independently."""
-    from clvr.world.grammar import geneval_suite
+    `clvr eval geneval` can score them independently. With `max_calls`, the loop also runs at each call
+    budget: "budgets" holds each one's overall and per-tag pass, pass over all prompts, and AUC over the
+    prompts' C_task tiers (as the probe computes it); their images are not written."""
+    from clvr.world.grammar import c_task, geneval_suite, tier_of
 
     n = n_per_tag or cfg.eval.geneval_n
     prompts = []
@@ -226,6 +287,24 @@ def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None =
         log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
         write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows], "eval geneval-world",
                              is_geneval_layout)
+    loop_rows = rows  # MODES ends with "loop": the config's own budget
+    if max_calls:
+        result["budgets"] = {}
+        for b in max_calls:
+            rows = loop_rows if b == cfg.loop.max_calls else run_mode(with_budget(cfg, b), generator, prompts,
+                                                                      "loop", cfg.eval.seed)
+            for r, md in zip(rows, prompts):
+                r["c_task"] = c_task(md)
+                r["tier"] = tier_of(r["c_task"])
+            per_tag = {tag: round(float(np.mean([r["passed"] for r in rows if r["tag"] == tag])), 3)
+                       for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
+            s = summarize(rows, None)
+            label = budget_label(b)
+            result["budgets"][label] = {"overall": round(float(np.mean(list(per_tag.values()))), 3), "pass": s["pass"],
+                                        "auc": s["auc"], "per_tag": per_tag, "calls_mean": s["calls_mean"],
+                                        "s_per_prompt": s["s_per_prompt"]}
+            log(f"loop, max {label} calls: overall {result['budgets'][label]['overall']:.3f}  auc {s['auc']:.1f}  "
+                f"{s['calls_mean']:.2f} calls")
     result["generator"] = getattr(generator, "name", type(generator).__name__)
     result["n_per_tag"] = n
     atomic_write_text(root / "summary.json", json.dumps(result, indent=1))

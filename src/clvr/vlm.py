@@ -32,7 +32,7 @@ from PIL import Image
 from clvr.config import ControllerCfg
 from clvr.errors import ClvrError
 from clvr.steps import OP_ARGS, SchemaError, Step, step_json_schema
-from clvr.world.vocab import COLORS, GRID, SHAPES
+from clvr.world.vocab import COLORS, EDIT_OPS, GRID, SHAPES
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,8 @@ def encode_png_data_url(canvas: np.ndarray) -> str:
 def system_text(grid: int) -> str:
     """The controller's standing instructions, written from the schema and the vocabulary."""
     ops = "\n".join(f"- {op}: " + (", ".join(args) if args else "no arguments") for op, args in OP_ARGS.items())
+    ops += (f"\n(edit's ops: a list of {'/'.join(EDIT_OPS)} steps done together in ONE generator call, no two on "
+            "one cell)")
     return (
         f"You are the controller of a closed-loop image generator. The canvas is a {grid}x{grid} grid of cells; "
         f"a cell is [row, column], 0-based, row 0 at the top. Shapes: {', '.join(SHAPES)}. "

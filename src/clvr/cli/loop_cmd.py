@@ -20,6 +20,15 @@ SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable
 GENERATE_USES = ("world", "loop", "controller")
 EVAL_USES = ("world", "loop", "controller", "eval")
 TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
+MaxCallsOpt = typer.Option(["1,2,3,4,unbounded"], "--max-calls",
+                           help="call budgets to also run the loop at (comma-separated or repeated; "
+                                "unbounded = no budget; 'off' = none, only the config's loop)")
+
+
+def _budgets(values: list[str]) -> list[int]:
+    from clvr.probe import parse_budgets
+
+    return [] if [v.strip().lower() for v in values] == ["off"] else parse_budgets(values)
 
 
 def _cfg(profile: str, overrides: list[str] | None, uses: tuple[str, ...], command: str):
@@ -81,16 +90,18 @@ def generate(prompt: str = typer.Argument(..., help="what to draw, e.g. \"a red 
 def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", min=1, help="prompts per tier (default: config eval.n_per_tier)"),
           model: Optional[str] = ModelOpt,
           out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
+          max_calls: List[str] = MaxCallsOpt,
           profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Complexity probe: single-step vs loop over the 10 tiers (pass rate, AUC, I_eff, NFE, s/prompt).
-    Last line: one JSON object with `single` and `loop`."""
+    """Complexity probe: single-step vs loop over the 10 tiers (pass rate, AUC, I_eff, NFE, s/prompt), and
+    the loop at each call budget of --max-calls. Last line: one JSON object with `single`, `loop` and `budgets`."""
     from clvr.probe import run_probe
 
     from clvr.io import check_out_dir
 
     cfg = _cfg(profile, overrides, EVAL_USES, "eval probe")
+    budgets = _budgets(max_calls)
     check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
-    res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo)
+    res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo, max_calls=budgets)
     typer.echo(f"wrote {Path(res['plot']).parent}/probe.json and {res['plot']}")
     typer.echo(json.dumps(res))
 
@@ -99,16 +110,18 @@ def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", m
 def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="prompts per GenEval tag (default: config eval.geneval_n)"),
                   model: Optional[str] = ModelOpt,
                   out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
+                  max_calls: List[str] = MaxCallsOpt,
                   profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """The six GenEval suites in world vocabulary through generation + the judge, single-step and loop.
-    Last line: one JSON object."""
+    """The six GenEval suites in world vocabulary through generation + the judge, single-step and loop, and
+    the loop at each call budget of --max-calls. Last line: one JSON object."""
     from clvr.probe import run_geneval_world
 
     from clvr.io import check_out_dir
 
     cfg = _cfg(profile, overrides, EVAL_USES, "eval geneval-world")
+    budgets = _budgets(max_calls)
     check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
-    res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo)
+    res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo, max_calls=budgets)
     typer.echo(json.dumps(res))
 
 

@@ -5,7 +5,9 @@
 * `noisy-oracle`: a simulation for developing the loop and the probe before trained weights exist.
   Each object drawn by text-to-image is independently spoilt (recoloured or dropped) with probability
   `p_err`, so single-step success falls as (1 - p_err) ** objects; each edit fails with probability
-  `p_err` (no change, wrong colour, or a stray extra object). Figures made with it are labelled as such.
+  `p_err` (no change, wrong colour, or a stray extra object); in a multi-op edit each op fails on its own
+  with probability `p_err` (not done, or done in the wrong colour), so all k succeed with (1 - p_err) ** k.
+  Figures made with it are labelled as such.
 
 Neither is a model: they exist as a ceiling and for tests; `nfe` is what they report per call (default 0).
 With a varied `appearance` (config `world.appearance`), text-to-image objects get random looks, and an edit
@@ -29,7 +31,15 @@ _EDIT_ARTICLE = {"add": "a", "remove": "the", "recolor": "the", "move": "the"}
 
 
 def parse_instruction(text: str, grid: int = 4) -> Step:
-    """Read an edit instruction (the text of `Step.instruction()`) back into its Step; SchemaError if it is not one."""
+    """Read an edit instruction (the text of `Step.instruction()`, multi-op ones included) back into its Step;
+    SchemaError if it is not one."""
+    pieces = text.split(". ")
+    if len(pieces) == 1:
+        return Step.from_dict(_parse_one(text), grid)
+    return Step.from_dict({"op": "edit", "ops": [_parse_one(t) for t in pieces]}, grid)
+
+
+def _parse_one(text: str) -> dict:
     w = text.split()
     if len(w) < 9 or w[0] not in _EDIT_ARTICLE or w[1] != _EDIT_ARTICLE[w[0]] or w[4:6] != ["at", "row"] \
             or w[7] != "column":
@@ -42,7 +52,7 @@ def parse_instruction(text: str, grid: int = 4) -> Step:
         d["to"] = [_int(rest[2]), _int(rest[4])]
     elif rest:
         raise SchemaError(f"not an edit instruction: {text!r}")
-    return Step.from_dict(d, grid)
+    return d
 
 
 def _int(s: str) -> int | str:
@@ -94,6 +104,8 @@ class OracleGenerator:
             after = step.apply(before)
         except ValueError as e:  # e.g. add onto an occupied cell: a real model would draw something odd
             raise ClvrError(f"oracle cannot apply {req.instruction!r}: {e}") from None
+        if step.op == "edit":
+            return self._noisy_parts(step, before, rng)
         if rng.random() >= self.p_err:
             return after
         mode = rng.integers(3)
@@ -108,6 +120,18 @@ class OracleGenerator:
             return before
         r, c = free[rng.integers(len(free))]
         return after.add(Obj(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))], r, c))
+
+
+    def _noisy_parts(self, step: Step, scene: Scene, rng: np.random.Generator) -> Scene:
+        """Each op of a multi-op edit done, or (probability p_err) not done or done in the wrong colour."""
+        for part in step.ops:
+            if rng.random() >= self.p_err:
+                scene = part.apply(scene)
+            elif rng.integers(2) and part.op != "remove":
+                scene = part.apply(scene)
+                cell = part.to or part.cell
+                scene = scene.recolor(cell, _other(scene.at(cell).color, rng))
+        return scene
 
 
 def _other(color: str, rng: np.random.Generator) -> str:

@@ -46,6 +46,7 @@ class LoopState:
     active: dict | None = None  # active report of the current canvas
     failures: dict[str, int] = field(default_factory=dict)  # step key -> failed tries so far
     calls: int = 0  # generator calls so far
+    max_calls: int = 0  # the call budget (loop.max_calls; 0 = none): a controller may plan by the calls left
     iteration: int = 0  # controller outputs so far (executed or not)
     nfe: int = 0
     rejected: int = 0

@@ -8,10 +8,25 @@ Guards, in the loop itself (a controller cannot get past them):
 * every controller output is validated by `Step.from_dict` (the schema) and `transition_error` (the state:
   remove/recolor/move need that object at that cell, add needs a free cell, generate only first, move to a
   free cell); anything else is rejected, counted and recorded, never executed;
-* budgets: `max_iters` controller outputs (rejected ones count) and `max_nfe` network evaluations (a call is
-  not started when the largest call so far would overrun it) always end the loop;
+* budgets: `max_iters` controller outputs (rejected ones count), `max_nfe` network evaluations (a call is
+  not started when the largest call so far would overrun it) and `max_calls` generator calls (0 = none)
+  always end the loop;
 * a step that fails passive verification is undone (the canvas stays the previous one); the controller
   then decides to retry it (every call gets a new seed) or to correct.
+
+A multi-op step is one generator call (its joined instruction, all its cells as regions). When only some
+of its ops pass, the step is *partly kept* (`keep_parts`): the new canvas is the previous one with the
+cells of the ops that passed taken from the output, and every other pixel kept. Why not undo it all: a
+call costs budget, and the ops that passed are exactly as good as the same ops done one per call (their
+cells are verified again on the composed canvas, and no other cell changes, so nothing already right can
+break); undoing them would spend calls redoing verified work, while the failed ops are simply still to
+do. A failed op counts one failed try (the controller sets an op aside after `retries_per_step` + 1) only
+when its call kept nothing: ops a call could not fit beside the ones it kept are no evidence against
+themselves, and every such call is progress. (Measured with the shipped distilled generator, which mostly
+draws one op of a multi-op instruction, and a table claiming every k works: the unbounded loop still passes
+every probe prompt, in 4.5 calls instead of 5.9, and at <= 4 calls passes 0.57 instead of 0.37; counting
+those tries made it give up on dense prompts.) Cells are disjoint (a sprite never leaves its cell), so
+composing by cells is exact in the world.
 """
 
 from __future__ import annotations
@@ -19,10 +34,12 @@ from __future__ import annotations
 import time
 from typing import Generator as Coroutine, Iterable
 
+import numpy as np
+
 from clvr.config import Config, LoopCfg
 from clvr.generator import GenRequest, GenResult, Generator
 from clvr.loop.controller import step_key
-from clvr.loop.roles import Controller, LoopState, Verifier, make_controller, make_verifier
+from clvr.loop.roles import Controller, LoopState, Perception, Verifier, make_controller, make_verifier
 from clvr.loop.trace import StepRecord, Trace
 from clvr.registry import ORACLES, check_model_name
 from clvr.steps import SchemaError, Step
@@ -31,7 +48,18 @@ from clvr.world.scene import Scene
 
 
 def transition_error(step: Step, scene: Scene, calls: int) -> str | None:
-    """Why `step` may not run on a canvas holding `scene` after `calls` generator calls (None = allowed)."""
+    """Why `step` may not run on a canvas holding `scene` after `calls` generator calls (None = allowed).
+    A multi-op step is checked part by part against the scene (its parts never share a cell), after a count:
+    its adds and move destinations need that many free cells."""
+    if step.op == "edit":
+        need, free = sum(p.op in ("add", "move") for p in step.ops), len(scene.free_cells())
+        if need > free:
+            return f"edit needs {need} free cells (adds and move destinations) but the scene has {free}"
+        for i, part in enumerate(step.ops):
+            err = transition_error(part, scene, calls)
+            if err:
+                return f"edit ops[{i}]: {err}"
+        return None
     if step.op == "stop":
         return None
     if step.op == "generate":
@@ -57,13 +85,16 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
                   target=plan.target.to_list(), plan=plan.steps)
     canvas = blank(grid, cell)
     seen = verifier.perceive(canvas)  # each canvas is detected once; both verifications reuse it
-    state = LoopState(plan, seen.scene, canvas, active=verifier.active(seen, plan))
+    state = LoopState(plan, seen.scene, canvas, active=verifier.active(seen, plan), max_calls=budget.max_calls)
     accepted: list[str] = []  # instructions of the steps on the canvas: the reasoning trace
     max_call_nfe = 0
     trace.ended_by = "max_iters"
     while state.iteration < budget.max_iters:
         if state.nfe >= budget.max_nfe or state.nfe + max_call_nfe > budget.max_nfe:
             trace.ended_by = "max_nfe"
+            break
+        if budget.max_calls and state.calls >= budget.max_calls:  # the controller is not even asked
+            trace.ended_by = "max_calls"
             break
         state.iteration += 1
         index = len(trace.steps)
@@ -83,11 +114,12 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
             trace.steps.append(StepRecord(index, "stop", step.to_dict(), instruction="stop"))
             trace.ended_by = "stop"
             break
-        key = step_key(step)
-        kind = ("generate" if step.op == "generate" else "retry" if state.failures.get(key)
-                else "plan" if step.to_dict() in plan.steps else "correction")
+        parts = step.parts()
+        kind = ("generate" if step.op == "generate" else "retry" if any(state.failures.get(step_key(p)) for p in parts)
+                else "plan" if all(p.to_dict() in plan.steps for p in parts) else "correction")
 
-        # 2. generate: one step, grounded at the cells it names, conditioned on the trace and the canvas
+        # 2. generate: one step (one call, all its ops), grounded at the cells it names, conditioned on the
+        #    trace and the canvas
         req = GenRequest(step.instruction(), trace=list(accepted),
                          reference=None if step.op == "generate" else canvas,
                          regions=step.regions(), seed=seed * 100_003 + state.iteration)
@@ -99,21 +131,29 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         after = verifier.perceive(result.image)
         passive = verifier.passive(step, seen, after, plan)
         keep = passive["ok"] or mode == "single"  # single-step has no gate: it is the baseline
+        new_canvas, kept = result.image, parts if keep else ()
+        if not keep and step.op == "edit":
+            new_canvas, after, kept = keep_parts(step, passive, canvas, result.image, seen, verifier, plan, cell)
+        if kept and len(kept) < len(parts):
+            passive["kept"] = [i for i, p in enumerate(parts) if p in kept]
         state.calls += 1
         state.nfe += result.nfe
         max_call_nfe = max(max_call_nfe, result.nfe)
         record = StepRecord(index, kind, step.to_dict(), step.instruction(), ". ".join(accepted), req.seed,
-                            canvas, result.image, passive, None, keep, result.nfe, result.seconds)
-        if keep:
-            canvas, seen = result.image, after
-            accepted.append(step.instruction())
+                            canvas, result.image, passive, None, bool(kept), result.nfe, result.seconds)
+        if kept:
+            canvas, seen = new_canvas, after
+            accepted.append(". ".join(p.instruction() for p in kept))
             state.scene, state.canvas = seen.scene, canvas
             state.active = verifier.active(seen, plan)
-        else:
-            state.failures[key] = state.failures.get(key, 0) + 1
+        for p in parts:  # a failed try each, except the ops a multi-op call could not fit beside the ones it kept
+            if p not in kept and not (kept and step.op == "edit"):
+                state.failures[step_key(p)] = state.failures.get(step_key(p), 0) + 1
+        if "kept" in passive:
+            record.note = f"partly kept: ops {passive['kept']} of {len(parts)} passed; the others undone"
         record.active = state.active
         state.last_step, state.last_passive = step.to_dict(), passive
-        state.history.append({"step": step.to_dict(), "accepted": keep, "passive": passive})
+        state.history.append({"step": step.to_dict(), "accepted": bool(kept), "passive": passive})
         trace.steps.append(record)
         record.seconds += time.perf_counter() - t_own
         trace.seconds += result.seconds
@@ -123,6 +163,24 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
     trace.nfe, trace.calls, trace.rejected = state.nfe, state.calls, state.rejected
     _add_time(trace, t_own)
     return trace
+
+
+def keep_parts(step: Step, passive: dict, canvas: np.ndarray, output: np.ndarray, seen: Perception,
+               verifier: Verifier, plan, cell: int) -> tuple[np.ndarray, Perception, tuple[Step, ...]]:
+    """A multi-op step that failed as a whole: the previous `canvas` with the cells of the ops that passed
+    (`passive["parts"]`) taken from `output`, if those ops pass again on that composed canvas; else the
+    previous canvas unchanged and no op kept. Returns (canvas, its perception, the ops kept)."""
+    ok = tuple(p for p, good in zip(step.parts(), passive.get("parts", ())) if good)
+    if not ok:
+        return canvas, seen, ()
+    composed = canvas.copy()
+    for r, c in (cell_ for p in ok for cell_ in p.regions()):
+        composed[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = output[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+    after = verifier.perceive(composed)
+    sub = ok[0] if len(ok) == 1 else Step("edit", ops=ok)
+    if not verifier.passive(sub, seen, after, plan)["ok"]:
+        return canvas, seen, ()
+    return composed, after, ok
 
 
 def _add_time(trace: Trace, since: float) -> float:
@@ -214,6 +272,10 @@ def build_controller(cfg: Config) -> Controller:
               max_prompt_chars=cfg.loop.max_prompt_chars)
     if cfg.loop.controller == "openai":
         kw["controller_cfg"] = cfg.controller
+    if cfg.loop.controller == "world":
+        from clvr.loop.controller import load_k_success
+
+        kw["k_success"] = load_k_success(cfg.loop.k_success)
     return make_controller(cfg.loop.controller, **kw)
 
 

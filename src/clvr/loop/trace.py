@@ -30,18 +30,22 @@ class StepRecord:
     output: np.ndarray | None = None  # what the generator drew
     passive: dict | None = None  # passive verification of this step
     active: dict | None = None  # active verification of the canvas after this step
-    accepted: bool = False  # output kept as the new canvas
+    accepted: bool = False  # output kept as the new canvas (a multi-op step: at least its passed ops' cells)
     nfe: int = 0
     seconds: float = 0.0  # generator + verification time of this step
     note: str = ""  # e.g. why a controller output was rejected, and the raw output
     raw: str = ""  # repr of the controller's raw output when rejected (recorded, never trusted)
 
     def caption(self) -> str:
-        """e.g. "3. add a red circle at row 1 column 2 [retry, ok]"; "x" = failed passive verification."""
+        """e.g. "3. add a red circle at row 1 column 2 [retry, ok]"; "x" = failed passive verification,
+        "kept 2/3" = a multi-op step of which 2 ops passed and were kept."""
         if self.kind in ("rejected", "stop"):
             return f"{self.index}. {self.instruction or 'rejected: ' + self.note}"
         tags = [self.kind] if self.kind in ("retry", "correction") else []
         tags.append("ok" if (self.passive or {}).get("ok") else "x")
+        kept = (self.passive or {}).get("kept")
+        if kept is not None and self.accepted:  # a multi-op step partly kept
+            tags.append(f"kept {len(kept)}/{len((self.passive or {}).get('parts', ()))}")
         if not self.accepted:
             tags.append("undone")
         return f"{self.index}. {self.instruction} [{', '.join(tags)}]"
@@ -60,7 +64,7 @@ class Trace:
     final: np.ndarray | None = None
     passed: bool = False  # the judge's verdict on the final canvas
     reason: str = ""  # the judge's reason
-    ended_by: str = ""  # "stop" | "max_iters" | "max_nfe"
+    ended_by: str = ""  # "stop" | "max_iters" | "max_nfe" | "max_calls"
     nfe: int = 0
     seconds: float = 0.0
     calls: int = 0  # generator calls

@@ -4,7 +4,9 @@
   exactly once and both verifications below read the same detections.
 * *Passive* verification gates one step: the cells the step names now hold what the step intends, and no
   object that already matched the target layout elsewhere was changed. New objects in other cells do not
-  fail the step (its own work is kept); active verification finds them and they are corrected.
+  fail the step (its own work is kept); active verification finds them and they are corrected. A multi-op
+  step is also checked op by op: `parts[i]` says whether op i's cells hold what it intends (the loop keeps
+  the ops that did, see clvr.loop.run).
 * *Active* verification checks the whole canvas: the judge on the whole prompt, plus the detected scene
   against the target layout (which objects are missing, which are wrong), from which the controller plans
   corrections.
@@ -57,9 +59,12 @@ class WorldVerifier:
                   for c in wrong_at]
         detail += [f"broke the {obj_text(o)} at {cell_text(o.cell)}" for o in broken]
         detail += [f"new {obj_text(o)} at {cell_text(o.cell)}" for o in new]
-        return {"ok": not wrong_at and not broken, "intended": not wrong_at,
-                "broken": [o.to_dict() for o in broken], "new": [o.to_dict() for o in new],
-                "detail": "; ".join(detail) or "as intended"}
+        report = {"ok": not wrong_at and not broken, "intended": not wrong_at,
+                  "broken": [o.to_dict() for o in broken], "new": [o.to_dict() for o in new],
+                  "detail": "; ".join(detail) or "as intended"}
+        if step.op == "edit":
+            report["parts"] = [all(c not in wrong_at for c in p.regions()) for p in step.parts()]
+        return report
 
     def active(self, perception: Perception, plan: Plan) -> dict:
         ok, reason = self._judge(plan.metadata, plan.prompt, perception)
