@@ -55,8 +55,10 @@ NUMBERS: tuple[str, ...] = (
 )
 ARTICLES: tuple[str, ...] = ("a", "an")
 
-# Step ops the loop may run; the controller's output schema is restricted to these.
-OPS: tuple[str, ...] = ("generate", "add", "remove", "recolor", "move", "stop")
+# Step ops the loop may run; the controller's output schema is restricted to these. "edit" carries several
+# single-cell edits (EDIT_OPS) for one generator call.
+OPS: tuple[str, ...] = ("generate", "add", "remove", "recolor", "move", "edit", "stop")
+EDIT_OPS: tuple[str, ...] = ("add", "remove", "recolor", "move")  # the single-op edits an "edit" step may carry
 
 # Function words used by prompts and step instructions (grammar + controller). Keep in one place:
 # the tokenizer and the parser's unknown-word check read this list.
