@@ -259,3 +259,31 @@ def positive_examples(path: str | Path) -> Iterator[Example]:
             if s.positive:
                 yield Example(t.id, t.tier, t.prompt, s.trace_text, s.instruction, s.step,
                               load_image(root, s.input), load_image(root, s.output))
+
+
+# ---- load_examples: MINIMAL VERSION by helper 14b (issue 14) -------------------------------------------------
+# A stand-in with the signature of SPEC14's `load_examples` so that the sft stage can read today's v1 data sets;
+# the data engine's own version (helper 14c: both schema versions, macro-step examples) replaces this block.
+
+@dataclass(frozen=True)
+class StepExample:
+    """One generator call to learn from (the fields of SPEC14's `Example`)."""
+
+    reference: Path  # PNG: the canvas before the call
+    target: Path  # PNG: the verified canvas after it (a generator output)
+    trace: tuple[str, ...]  # instruction texts of the earlier steps, oldest first
+    step: "Step"  # the step the generator ran
+
+
+def load_examples(path: str | Path) -> list[StepExample]:
+    """The positive steps (kept steps of accepted trajectories) of a v1 data set, as image paths."""
+    from clvr.steps import Step
+
+    root = dataset_file(path).parent
+    out = []
+    for t in load_trajectories(path, accepted_only=True):
+        for s in t.steps:
+            if s.positive:
+                trace = tuple(s.trace_text.split(". ")) if s.trace_text else ()
+                out.append(StepExample(root / s.input, root / s.output, trace, Step.from_dict(s.step)))
+    return out
