@@ -57,14 +57,16 @@ def lora_targets(transformer: torch.nn.Module) -> list[str]:
     return out
 
 
-def add_lora(pipe: WorldPipeline, rank: int, alpha: float):
+def add_lora(pipe: WorldPipeline, rank: int, alpha: float, seed: int = 0):
     """Wrap the transformer with a peft LoRA (in place: pipe.transformer computes with it) -> the PeftModel.
-    Freezes the text encoder."""
+    Freezes the text encoder. The adapter's random init comes from `seed` (a run is reproducible)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(pipe.transformer))
     pipe.text_encoder.requires_grad_(False)
-    return get_peft_model(pipe.transformer, cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(pipe.transformer, cfg)
 
 
 def merged_pipeline(pipe: WorldPipeline, peft_model) -> WorldPipeline:
@@ -153,7 +155,7 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
     def build_pipe(resume: Path | None) -> WorldPipeline:
         pipe = build(cfg)  # a resume restores the trained weights from the checkpoint (Engine.load)
         if s.mode == "lora":
-            lora["model"] = add_lora(pipe, s.lora_rank, s.lora_alpha)
+            lora["model"] = add_lora(pipe, s.lora_rank, s.lora_alpha, s.seed)
         return pipe
 
     def modules(pipe: WorldPipeline) -> dict[str, torch.nn.Module]:
