@@ -13,6 +13,7 @@ where the step does nothing there; a move fills two: remove at the source, add a
 `max_text_len` tokens of free text. Slot j of cell (r, c) gets the RoPE position (0, r, c, j), the H/W of that
 cell's image tokens, so Flux2's rotary attention binds each op's words to its cell without new parameters; the
 free text sits at (TEXT_T, 0, 0, l). The slot layout is the same for every sample: one `txt_ids` per batch.
+The text encoder reads each slot as its own 3-token text and the free text as a slotless model does.
 
 Outputs per noisy token: a clean-image (x0) prediction as a residual on the reference, and one gate logit.
 Sampling composes x0 = reference + gate * (new - reference): copy-by-construction outside the gate. The gate is
@@ -146,12 +147,18 @@ class WorldPipeline(DiffusionPipeline):
     def encode_text(self, texts: list[str], parts: list[tuple[Step, ...]] | None = None) -> torch.Tensor:
         """Texts -> (B, text_len, D). The free text is left-padded and truncated from the left (the newest words
         stay); a cell-slot model puts the slots of each sample's `parts` (its single-op steps; none = empty
-        slots) before it. A slotless model ignores `parts`."""
+        slots) before it. Each slot is encoded on its own (a 3-token text): its embedding says what happens
+        in its cell whatever the other cells hold, and the free text is encoded exactly as in a slotless
+        model. A slotless model ignores `parts`."""
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.max_text_len,
                              return_tensors="pt")["input_ids"]
-        if self.n_slots:
-            enc = torch.cat([self.slot_ids(parts if parts is not None else [()] * len(texts)), enc], 1)
-        return self.text_encoder(input_ids=enc.to(self.text_encoder.device)).last_hidden_state
+        dev = self.text_encoder.device
+        free = self.text_encoder(input_ids=enc.to(dev)).last_hidden_state
+        if not self.n_slots:
+            return free
+        slots = self.slot_ids(parts if parts is not None else [()] * len(texts)).view(-1, SLOT_LEN)
+        slots = self.text_encoder(input_ids=slots.to(dev)).last_hidden_state.reshape(len(texts), self.n_slots, -1)
+        return torch.cat([slots, free], 1)
 
     def ids(self, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE position ids (T, H, W, L): noisy tokens at t=0, reference tokens at t=REF_T, text along L.

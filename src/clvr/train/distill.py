@@ -193,7 +193,8 @@ class ProgressiveLoss:
         idx = (grid[:n][None, :] - t[:, None]).abs().argmin(1)
         t_next = grid[idx + 1]
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        cond = Cond(ref, region, tp.encode_text(b.texts, b.parts), tp.encode_text([""] * len(b.texts)) if w > 1 else None)
+        cond = Cond(ref, region, tp.encode_text(b.texts, b.parts),
+                    tp.encode_text([""] * len(b.texts)) if w > 1 else None)
         tgt = two_teacher_steps(tp, x_t, t, t_next, cond, w, edit)
         new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
         mask, ref_d = tgt["mask"].to(new.device, new.dtype), dev(ref).to(new.dtype)
