@@ -223,3 +223,14 @@ def test_sft_config_errors_name_the_key(override, needle):
 def test_sft_refuses_a_data_set_it_cannot_read(tmp_path, tiny_dir):
     with pytest.raises(ClvrError, match="no trajectory data set"):
         sft.trainer(ci(tmp_path, tiny_dir, f"sft.data={tmp_path}/nope"), out=None)
+
+
+def test_bench_generator_reports_multi_op_success_by_k_for_an_sft_model(tmp_path):
+    tiny(cell_slots=True).save_pretrained(tmp_path / "sft")
+    from clvr.train.bench import MULTI_KS, run_bench
+
+    res = run_bench(load_config("ci"), trials=1, prompts=1, tiers=1, sft=str(tmp_path / "sft"), speed=False)
+    assert set(res["multi_op_success"]) == {"base_28_cfg", "base_4", "distilled_4", "sft", "sft_4"}
+    assert all(list(v) == [str(k) for k in MULTI_KS] for v in res["multi_op_success"].values())
+    assert res["multi_op_success"]["base_4"]["1"] == 1.0 and "train_samples_per_s" not in res
+    assert res["models"]["sft"] == str(tmp_path / "sft")
