@@ -191,14 +191,17 @@ def test_generators_registered_with_champion_alias(run1, mlflow_client):
     root, _, res = run1
     c = mlflow_client
     versions = {v.tags["stage"]: v for v in c.search_model_versions(f"name = '{MODEL}'")}
-    assert set(versions) == {"pretrain", "distill"}
+    assert set(versions) == {"pretrain", "distill", "sft"}
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     for stage, v in versions.items():
         assert v.tags["dvc_md5"] == next(o["md5"] for o in lock[stage]["outs"] if o["path"].endswith("/final"))
-        assert float(v.tags["score"]) == evaluated(res)[f"{stage}_geneval_overall"]
+        if stage == "sft":  # registered unscored: the evaluate stage runs before it
+            assert "score" not in v.tags
+        else:
+            assert float(v.tags["score"]) == evaluated(res)[f"{stage}_geneval_overall"]
     champion = c.get_model_version_by_alias(MODEL, "champion")
     assert champion.version == res["registry"]["champion"]
-    assert float(champion.tags["score"]) == max(float(v.tags["score"]) for v in versions.values())
+    assert float(champion.tags["score"]) == max(float(v.tags["score"]) for v in versions.values() if "score" in v.tags)
 
 
 def test_dvc_lock_tag_and_remote(run1):
@@ -224,7 +227,7 @@ def test_second_run_skips_up_to_date_stages(run1, mlflow_client):
     assert res2["mlflow_run_id"] != res1["mlflow_run_id"] and res2["tag"] != res1["tag"]
     assert res2["lock_sha256"] == res1["lock_sha256"] and res2["commit"] == res1["commit"]
     assert res2["registry"]["champion"] == res1["registry"]["champion"]  # no new version for the same model
-    assert len(mlflow_client.search_model_versions(f"name = '{MODEL}'")) == 2
+    assert len(mlflow_client.search_model_versions(f"name = '{MODEL}'")) == 3  # pretrain, distill, sft
     runs = nested(mlflow_client, res2["mlflow_run_id"])
     assert all(r.data.tags["dvc.status"] == "skipped" for r in runs.values())
     assert mlflow_client.list_artifacts(runs["pretrain"].info.run_id, "checkpoints") == []
@@ -275,11 +278,11 @@ def test_bad_input_is_a_clear_error(run1):
     root = run1[0]
     with pytest.raises(ClvrError, match="unknown profile 'nope'"):
         retrain(profile="nope", root=str(root))
-    with pytest.raises(ClvrError, match="unknown stage 'sft'"):
-        retrain(profile="ci", root=str(root), stages=["sft"])
+    with pytest.raises(ClvrError, match="unknown stage 'pprl'"):
+        retrain(profile="ci", root=str(root), stages=["pprl"])
     with pytest.raises(ClvrError, match=r"unknown tag 'run/19990101-deadbeef' \(run tags: run/"):
         reproduce(root, "run/19990101-deadbeef")
     for args, needle in ((["pipeline", "run", "--profile", "nope"], "unknown profile 'nope'"),
-                         (["pipeline", "run", "--stage", "sft"], "unknown stage 'sft'")):
+                         (["pipeline", "run", "--stage", "pprl"], "unknown stage 'pprl'")):
         p = clvr(root, *args)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr

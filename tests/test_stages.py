@@ -106,8 +106,8 @@ def test_resolve_names_config_values(tmp_path):
 
 
 def test_unknown_stage_is_a_clear_error():
-    with pytest.raises(ClvrError, match="unknown stage 'sft' .*known: pretrain, distill, evaluate"):
-        get_stage("sft")
+    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: pretrain, distill, evaluate"):
+        get_stage("pprl")
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -101,6 +101,7 @@ class GeneratorCfg:
     text_hidden: int = 64
     text_layers: int = 2
     max_text_len: int = 16  # tokens; trace + instruction is truncated from the left (the instruction stays)
+    cell_slots: bool = False  # grid*grid*3 cell-slot tokens before the free text (clvr.models.pipeline)
 
     def check(self, name: str) -> None:
         need_all(self, name, "hidden heads text_hidden text_layers max_text_len", at_least(1), ">= 1")
@@ -264,6 +265,68 @@ class DistillCfg:
              self.steps)
         need_all(self, name, "nfe teacher_steps", at_least(1), ">= 1")
         need(at_least(0)(self.guidance), f"{name}.guidance", ">= 0", self.guidance)
+
+
+SFT_MODES = ("lora", "full")
+
+
+@dataclass
+class SftCfg:
+    """Trajectory SFT (`sft` stage, clvr.train.sft): fine-tune a released generator on coarse steps (multi-op
+    edits and layout text-to-image made on the fly, plus the data engine's examples when `data` is given),
+    mixed with the pretraining samples so single-op edits and text-to-image are not forgotten."""
+
+    out: str = "runs/sft"
+    init: str = "base"  # the generator fine-tuned: base | distilled | a checkpoint folder
+    mode: str = "full"  # full: every weight; lora: a peft LoRA on the transformer's attention + MLP projections
+    lora_rank: int = 16
+    lora_alpha: float = 16.0
+    cell_slots: bool = True  # turn on the cell slots (clvr.models.pipeline) if the init model has none
+    max_text_len: int = 0  # free-text tokens (0 = the init model's); the cell slots carry the ops
+    data: str = ""  # a data-engine data set (folder or JSONL) whose examples are mixed in; "" = none
+    data_frac: float = 0.3  # share of samples drawn from `data`'s examples (when given)
+    multi_frac: float = 0.6  # grounded multi-op edits of k = 2..max_k mixed ops
+    max_k: int = 8
+    layout_frac: float = 0.1  # layout text-to-image: 1..max_layout adds on a blank canvas
+    max_layout: int = 12
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 20
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+    # the rest of the mix: today's pretraining samples (the guard against forgetting)
+    edit_frac: float = 0.7
+    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
+    grounded_frac: float = 0.8
+    text_dropout: float = 0.1
+    max_objects: int = 10
+    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])
+    prompt_pool: int = 400
+    changed_weight: float = 5.0
+    gate_weight: float = 0.5
+    train_sigmas: int = 0
+    log_every: int = 50
+    eval_every: int = 500
+    ckpt_every: int = 250
+    eval_trials: int = 50
+    eval_steps: int = 4
+    threads: int = 1
+    seed: int = 0
+
+    def check(self, name: str) -> None:
+        check_data_mix(self, name)
+        need(self.mode in SFT_MODES, f"{name}.mode", f"one of {list(SFT_MODES)}", self.mode)
+        need(nonempty(self.init), f"{name}.init", "base | distilled | a checkpoint folder", self.init)
+        need_all(self, name, "lora_rank eval_steps", at_least(1), ">= 1")
+        need(positive(self.lora_alpha), f"{name}.lora_alpha", "> 0", self.lora_alpha)
+        need_all(self, name, "max_text_len train_sigmas", at_least(0), ">= 0")
+        need_all(self, name, "data_frac multi_frac layout_frac", fraction, "in 0..1")
+        need(self.multi_frac + self.layout_frac <= 1, f"{name}.multi_frac + layout_frac", "<= 1",
+             self.multi_frac + self.layout_frac)
+        need(2 <= self.max_k <= 128, f"{name}.max_k", "in 2..128", self.max_k)
+        need(1 <= self.max_layout <= 256, f"{name}.max_layout", "in 1..256", self.max_layout)
+        need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
 
 
 @dataclass
@@ -435,6 +498,7 @@ class Config:
     generator: GeneratorCfg = field(default_factory=GeneratorCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    sft: SftCfg = field(default_factory=SftCfg)
     engine: EngineCfg = field(default_factory=EngineCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     loop: LoopCfg = field(default_factory=LoopCfg)

@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from clvr.registry import Registry
+from clvr.steps import Step
 from clvr.world.scene import Cell
 
 
@@ -22,6 +23,7 @@ class GenRequest:
     reference: np.ndarray | None = None  # current canvas (H, W, 3) uint8; None = text-to-image
     regions: tuple[Cell, ...] = ()  # grounded target cells, when the controller knows them
     seed: int = 0
+    step: Step | None = None  # the step itself, when the caller has one: a cell-slot model reads its ops per cell
 
 
 @dataclass

@@ -176,6 +176,7 @@ STAGES: list[Stage] = [
           outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
           metrics=("{synthesize.out}/metrics.json",),
           datasets=("{synthesize.out}/trajectories.jsonl",)),
+    _train_stage("sft", "clvr.train.sft:run", ("seed", "world", "sample", "engine", "sft")),
 ]
 
 

@@ -1,4 +1,4 @@
-"""`clvr world pretrain`, `clvr world distill`, `clvr world ship`, `clvr world bench-generator`."""
+"""`clvr world pretrain`, `clvr world distill`, `clvr world sft`, `clvr world ship`, `clvr world bench-generator`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ Overrides = typer.Argument(None, help="key=value config overrides, e.g. pretrain
 # The config sections each command reads: an override of another section is an error, not silently ignored.
 TRAIN_USES = ("world", "generator", "pretrain", "sample", "engine")
 DISTILL_USES = ("world", "generator", "pretrain", "distill", "sample", "engine")
+SFT_USES = ("world", "sft", "sample", "engine")
 
 
 @world_app.command("pretrain")
@@ -36,6 +37,17 @@ def distill(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOp
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 
+@world_app.command("sft")
+def sft(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Fine-tune a released generator (sft.init, default the shipped base) on coarse steps: multi-op edits and
+    layout text-to-image (+ the data engine's examples with sft.data), LoRA or full (sft.mode); resumes from the
+    newest checkpoint in sft.out. Last line: JSON metrics."""
+    from clvr.train.sft import run
+
+    res = run(load_config(profile, overrides, uses=SFT_USES, command="world sft"))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
 @world_app.command("ship")
 def ship(src: str = typer.Argument(..., help="a trained checkpoint folder, e.g. runs/release/distill/final"),
          name: str = typer.Argument(..., help="base | distilled")) -> None:
@@ -50,8 +62,13 @@ def bench_generator(model: str = typer.Option("base", "--model", help="base | a 
                     distilled: str = typer.Option("distilled", "--distilled", help="distilled | a checkpoint folder"),
                     trials: int = typer.Option(100, min=1, help="edits per op"),
                     prompts: int = typer.Option(50, min=1, help="single-step prompts per tier"),
+                    sft_model: Optional[str] = typer.Option(None, "--sft", help="an SFT model folder to bench too"),
+                    multi_trials: Optional[int] = typer.Option(None, "--multi-trials", min=1,
+                                                               help="multi-op steps per k (default: --trials)"),
+                    speed: bool = typer.Option(True, "--speed/--no-speed", help="also time training and sampling"),
                     overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
-    """Edit success per op (base at 28 steps + CFG, distilled at 4 NFE), single-step pass per tier, speed.
+    """Edit success per op and multi-op step success by k (1, 2, 3, 4, 6, 8 mixed ops in one call) for base at
+    28 steps + CFG and at 4, distilled at 4 NFE (and an SFT model with --sft), single-step pass per tier, speed.
     Last line: one JSON object."""
     import torch
 
@@ -59,4 +76,5 @@ def bench_generator(model: str = typer.Option("base", "--model", help="base | a 
 
     cfg = load_config(profile, overrides, uses=TRAIN_USES, command="world bench-generator")
     torch.set_num_threads(cfg.pretrain.threads)
-    typer.echo(json.dumps(run_bench(cfg, model, distilled, trials, prompts)))
+    typer.echo(json.dumps(run_bench(cfg, model, distilled, trials, prompts, sft=sft_model,
+                                    multi_trials=multi_trials, speed=speed)))

@@ -122,7 +122,7 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         #    trace and the canvas
         req = GenRequest(step.instruction(), trace=list(accepted),
                          reference=None if step.op == "generate" else canvas,
-                         regions=step.regions(), seed=seed * 100_003 + state.iteration)
+                         regions=step.regions(), seed=seed * 100_003 + state.iteration, step=step)
         t_own = _add_time(trace, t_own)
         result = yield req
         t_own = time.perf_counter()

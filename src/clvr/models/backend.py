@@ -141,8 +141,10 @@ class WorldGenerator:
                 regions[i, row * g + col] = 1.0
         edit = np.array([r.reference is not None for r in reqs])
         texts = [join_text(list(r.trace), r.instruction) for r in reqs]
+        parts = [() if r.step is None else r.step.parts() for r in reqs]
         with torch.inference_mode():
-            images = self.pipe.sample(texts, refs, regions, edit, [r.seed for r in reqs], self.steps, self.guidance)
+            images = self.pipe.sample(texts, refs, regions, edit, [r.seed for r in reqs], self.steps, self.guidance,
+                                      parts)
         dt = (time.perf_counter() - t0) / len(reqs)
         return [GenResult(img, self.nfe, dt) for img in images]
 

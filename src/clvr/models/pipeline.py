@@ -7,6 +7,14 @@ extra image tokens appended after the noisy tokens, with position ids offset on 
 `Flux2KleinPipeline._prepare_image_ids`). Tokens are grid cells: one 16x16x3 patch = 768 features per token,
 plus one grounding channel that marks the cells a step names (GLIGEN-like: the controller knows the layout).
 
+Cell slots (config `cell_slots`, saved with the model; off in the shipped weights): the text starts with
+grid*grid fixed slots, one per cell in row-major order, each `SLOT_LEN` tokens (op word, colour, shape; [PAD]
+where the step does nothing there; a move fills two: remove at the source, add at the destination), then the
+`max_text_len` tokens of free text. Slot j of cell (r, c) gets the RoPE position (0, r, c, j), the H/W of that
+cell's image tokens, so Flux2's rotary attention binds each op's words to its cell without new parameters; the
+free text sits at (TEXT_T, 0, 0, l). The slot layout is the same for every sample: one `txt_ids` per batch.
+The text encoder reads each slot as its own 3-token text and the free text as a slotless model does.
+
 Outputs per noisy token: a clean-image (x0) prediction as a residual on the reference, and one gate logit.
 Sampling composes x0 = reference + gate * (new - reference): copy-by-construction outside the gate. The gate is
 the grounded regions when the request has them, else the net's own gate taken at the first step and held as a
@@ -23,10 +31,13 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
-from clvr.models.tokenizer import build_tokenizer
+from clvr.models.tokenizer import PAD, build_tokenizer
+from clvr.steps import Step
 from clvr.world.vocab import BACKGROUND, COLORS
 
 REF_T = 10  # T-axis offset of reference-image tokens (as Flux2KleinPipeline)
+TEXT_T = 20  # T-axis offset of the free text in a cell-slot model (clear of the noisy (0) and reference (10) tokens)
+SLOT_LEN = 3  # tokens per cell slot: op word, colour, shape
 PALETTE = np.array([BACKGROUND, *COLORS.values()], np.uint8)  # (5, 3)
 
 
@@ -50,18 +61,19 @@ class WorldPipeline(DiffusionPipeline):
     def __init__(self, transformer: Flux2Transformer2DModel, text_encoder: Qwen3Model,
                  tokenizer: PreTrainedTokenizerFast, scheduler: FlowMatchEulerDiscreteScheduler,
                  grid: int = 4, cell: int = 16, max_text_len: int = 64, default_steps: int = 28,
-                 default_guidance: float = 2.0):
+                 default_guidance: float = 2.0, cell_slots: bool = False):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
         self.register_to_config(grid=grid, cell=cell, max_text_len=max_text_len, default_steps=default_steps,
-                                default_guidance=default_guidance)
+                                default_guidance=default_guidance, cell_slots=cell_slots)
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
     def from_sizes(cls, hidden: int, heads: int, double_layers: int, single_layers: int, text_hidden: int,
                    text_layers: int, max_text_len: int, grid: int = 4, cell: int = 16, seed: int = 0,
-                   default_steps: int = 28, default_guidance: float = 2.0) -> "WorldPipeline":
+                   default_steps: int = 28, default_guidance: float = 2.0, cell_slots: bool = False
+                   ) -> "WorldPipeline":
         """A freshly initialised tiny pipeline (deterministic under `seed`)."""
         torch.manual_seed(seed)
         tok = build_tokenizer(max_text_len)
@@ -74,14 +86,24 @@ class WorldPipeline(DiffusionPipeline):
             num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
             joint_attention_dim=text_hidden, timestep_guidance_channels=64, mlp_ratio=3.0,
             axes_dims_rope=(head_dim // 4,) * 4, rope_theta=2000, guidance_embeds=False)
+        text_len = max_text_len + (grid * grid * SLOT_LEN if cell_slots else 0)
         text_encoder = Qwen3Model(Qwen3Config(
             vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
             num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
-            head_dim=text_hidden // 2, max_position_embeddings=max_text_len, pad_token_id=tok.pad_token_id,
+            head_dim=text_hidden // 2, max_position_embeddings=text_len, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False))
         return cls(transformer, text_encoder, tok, FlowMatchEulerDiscreteScheduler(shift=1.0), grid=grid,
                    cell=cell, max_text_len=max_text_len, default_steps=default_steps,
-                   default_guidance=default_guidance)
+                   default_guidance=default_guidance, cell_slots=cell_slots)
+
+    def use_cell_slots(self, max_text_len: int = 0) -> "WorldPipeline":
+        """Turn a slotless model into a cell-slot one in place (same weights: the slots are new text tokens and
+        position ids, not parameters); `max_text_len` > 0 also sets the free-text length. Returns self."""
+        n = max_text_len or self.config.max_text_len
+        self.register_to_config(cell_slots=True, max_text_len=n)
+        self.tokenizer.model_max_length = n
+        self.text_encoder.config.max_position_embeddings = self.text_len
+        return self
 
     # ---- tokens <-> images ----------------------------------------------------------------------------
     @property
@@ -107,20 +129,53 @@ class WorldPipeline(DiffusionPipeline):
         return snap(((x.clamp(-1, 1) + 1) * 127.5).numpy())
 
     # ---- network ------------------------------------------------------------------------------------
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
-        """Texts -> (B, max_text_len, D). Left-padded and truncated from the left: the newest words stay."""
+    @property
+    def n_slots(self) -> int:
+        """Text tokens taken by the cell slots (0 for a slotless model)."""
+        return self.n_tokens * SLOT_LEN if self.config.cell_slots else 0
+
+    @property
+    def text_len(self) -> int:
+        """Text tokens per sample: the cell slots, then the free text."""
+        return self.n_slots + self.config.max_text_len
+
+    def slot_ids(self, parts: list[tuple[Step, ...]]) -> torch.Tensor:
+        """Each sample's single-op steps -> (B, n_slots) token ids of its cell slots."""
+        words = [slot_words(p, self.config.grid) for p in parts]
+        return torch.tensor([self.tokenizer.convert_tokens_to_ids(w) for w in words], dtype=torch.long)
+
+    def encode_text(self, texts: list[str], parts: list[tuple[Step, ...]] | None = None) -> torch.Tensor:
+        """Texts -> (B, text_len, D). The free text is left-padded and truncated from the left (the newest words
+        stay); a cell-slot model puts the slots of each sample's `parts` (its single-op steps; none = empty
+        slots) before it. Each slot is encoded on its own (a 3-token text): its embedding says what happens
+        in its cell whatever the other cells hold, and the free text is encoded exactly as in a slotless
+        model. A slotless model ignores `parts`."""
         enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.config.max_text_len,
-                             return_tensors="pt")
-        return self.text_encoder(input_ids=enc["input_ids"].to(self.text_encoder.device)).last_hidden_state
+                             return_tensors="pt")["input_ids"]
+        dev = self.text_encoder.device
+        free = self.text_encoder(input_ids=enc.to(dev)).last_hidden_state
+        if not self.n_slots:
+            return free
+        slots = self.slot_ids(parts if parts is not None else [()] * len(texts)).view(-1, SLOT_LEN)
+        slots = self.text_encoder(input_ids=slots.to(dev)).last_hidden_state.reshape(len(texts), self.n_slots, -1)
+        return torch.cat([slots, free], 1)
 
     def ids(self, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE position ids (T, H, W, L): noisy tokens at t=0, reference tokens at t=REF_T, text along L."""
+        """RoPE position ids (T, H, W, L): noisy tokens at t=0, reference tokens at t=REF_T, text along L.
+        A cell-slot model: slot j of cell (r, c) at (0, r, c, j), the free text at (TEXT_T, 0, 0, l)."""
         g = self.config.grid
         cells = torch.cartesian_prod(torch.arange(g), torch.arange(g))
         zero = torch.zeros(g * g, 1, dtype=torch.long)
         noisy = torch.cat([zero, cells, zero], 1)
         ref = torch.cat([zero + REF_T, cells, zero], 1)
-        txt = torch.cat([torch.zeros(text_len, 3, dtype=torch.long), torch.arange(text_len)[:, None]], 1)
+        n_slots = self.n_slots
+        free = text_len - n_slots
+        txt = torch.cat([torch.zeros(free, 3, dtype=torch.long), torch.arange(free)[:, None]], 1)
+        if n_slots:
+            txt[:, 0] = TEXT_T
+            slot = torch.cat([torch.zeros(n_slots, 1, dtype=torch.long), cells.repeat_interleave(SLOT_LEN, 0),
+                              torch.arange(SLOT_LEN).repeat(g * g)[:, None]], 1)
+            txt = torch.cat([slot, txt])
         return torch.cat([noisy, ref]), txt
 
     def predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, text: torch.Tensor | None = None
@@ -150,14 +205,17 @@ class WorldPipeline(DiffusionPipeline):
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, texts: list[str], references: np.ndarray, regions: np.ndarray, edit: np.ndarray,
-               seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+               seeds: list[int], steps: int, guidance: float, parts: list[tuple[Step, ...]] | None = None
+               ) -> np.ndarray:
         """Batched sampling. references (B, H, W, 3) uint8 (blank canvas for text-to-image); regions (B, N) 0/1;
-        edit (B,) bool. Returns snapped images (B, H, W, 3) uint8. Each sample's noise comes from its own seed,
-        so a request gives the same image alone or inside any batch."""
+        edit (B,) bool; parts: each sample's single-op steps (a cell-slot model's slots; None = none). Returns
+        snapped images (B, H, W, 3) uint8. Each sample's noise comes from its own seed, so a request gives the
+        same image alone or inside any batch."""
         cfg = guidance > 1.0
         ref = self.to_tokens(references)
         region = torch.from_numpy(regions).float()
-        cond = Cond(ref, region, self.encode_text(texts), self.encode_text([""] * len(texts)) if cfg else None)
+        cond = Cond(ref, region, self.encode_text(texts, parts),
+                    self.encode_text([""] * len(texts)) if cfg else None)
         noise = torch.stack([torch.randn(ref.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in seeds])
         pair = cond.cfg_pair() if cfg else None
@@ -179,6 +237,27 @@ class WorldPipeline(DiffusionPipeline):
             v = (x - x0) / sigma[:, None, None].clamp_min(1e-4)
             x = sched.step(v, t, x, return_dict=False)[0]
         return self.from_tokens(x0)
+
+
+def slot_words(parts: tuple[Step, ...], grid: int) -> list[str]:
+    """The grid*grid*SLOT_LEN slot words of one step's single-op parts, cells in row-major order: (op, colour,
+    shape) at each cell a part acts on ([PAD] elsewhere). A recolor names its new colour; a move is a remove at
+    its source and an add at its destination; other ops (generate, stop) fill no slot."""
+    words = [PAD] * (grid * grid * SLOT_LEN)
+
+    def put(cell, *w: str) -> None:
+        i = (cell[0] * grid + cell[1]) * SLOT_LEN
+        words[i:i + SLOT_LEN] = w
+
+    for p in parts:
+        if p.op in ("add", "remove"):
+            put(p.cell, p.op, p.color, p.shape)
+        elif p.op == "recolor":
+            put(p.cell, "recolor", p.new_color, p.shape)
+        elif p.op == "move":
+            put(p.cell, "remove", p.color, p.shape)
+            put(p.to, "add", p.color, p.shape)
+    return words
 
 
 def snap(pixels: np.ndarray) -> np.ndarray:

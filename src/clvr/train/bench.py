@@ -4,10 +4,13 @@
   (as the loop sends it: `Step.instruction()` + `Step.regions()`); success = the detected scene of the output
   equals `step.apply(reference scene)` exactly (the edit done, nothing else changed).
 * single-step pass per tier: a grammar prompt of that tier, text-to-image in one call, judged by the world judge.
+* multi-op step success by k: a random reference canvas, one grounded `Step(op="edit")` of k mixed ops (add,
+  remove, recolor, move on distinct cells; `clvr.train.data.random_multi_edit`); success as for a single edit.
 
 `bench-generator` rows: `base_28_cfg` (base at `sample.steps` + CFG), `base_4` (the same base at
-`sample.distilled_steps` without CFG: what distillation must beat) and `distilled_4`. With a varied
-`world.appearance`, reference canvases are drawn with random looks.
+`sample.distilled_steps` without CFG: what distillation must beat) and `distilled_4`, plus `sft` (the SFT model at
+its recorded default sampling) and `sft_4` (at `sample.distilled_steps` without CFG) when one is given. With a
+varied `world.appearance`, reference canvases are drawn with random looks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 
 from clvr.generator import GenRequest
-from clvr.train.data import EDIT_OPS, random_edit
+from clvr.train.data import EDIT_OPS, random_edit, random_multi_edit
 from clvr.world.detector import detect, to_scene
 from clvr.world.render import render, vary
 
@@ -30,9 +33,32 @@ def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects:
         scene, step, adds = random_edit(rng, grid, max_objects, op)
         scene = vary(scene, rng, appearance)
         reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
-                               step.regions(), seed=seed * 1000 + i))
+                               step.regions(), seed=seed * 1000 + i, step=step))
         targets.append(step.apply(scene))
     return reqs, targets
+
+
+def multi_requests(k: int, n: int, grid: int, cell: int, seed: int, max_objects: int = 10, appearance=None):
+    """n grounded multi-op steps of k mixed ops (as the loop sends them) and the scenes they should give."""
+    rng = np.random.default_rng([seed, 100 + k])
+    reqs, targets = [], []
+    for i in range(n):
+        scene, step, adds = random_multi_edit(rng, grid, k, max_objects)
+        scene = vary(scene, rng, appearance)
+        reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
+                               step.regions(), seed=seed * 1000 + i, step=step))
+        targets.append(step.apply(scene))
+    return reqs, targets
+
+
+def multi_op_success(gen, ks, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
+    """Multi-op step success per k (keys "1", "2", ...)."""
+    out = {}
+    for k in ks:
+        reqs, targets = multi_requests(k, n, grid, cell, seed, appearance=appearance)
+        res = gen.generate_batch(reqs)
+        out[str(k)] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
+    return out
 
 
 def edit_success(gen, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
@@ -106,8 +132,14 @@ def train_samples_per_s(cfg, seconds: float = 10.0) -> float:
     return n / (time.perf_counter() - t)
 
 
+MULTI_KS = (1, 2, 3, 4, 6, 8)
+
+
 def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int = 100, prompts: int = 50,
-              tiers: int = 10, seed: int = 1234) -> dict:
+              tiers: int = 10, seed: int = 1234, sft: str | None = None, multi_trials: int | None = None,
+              speed: bool = True) -> dict:
+    """`sft`: an SFT model folder, benchmarked beside base and distilled; `multi_trials`: steps per k (default
+    `trials`); `speed`: also time training and sampling."""
     from clvr.models.backend import WorldGenerator, load_pipeline
 
     torch.manual_seed(0)
@@ -116,21 +148,31 @@ def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int
     gens = {"base_28_cfg": WorldGenerator(base_pipe, cfg.sample.steps, cfg.sample.guidance),
             "base_4": WorldGenerator(base_pipe, cfg.sample.distilled_steps, 1.0),
             "distilled_4": WorldGenerator(dist_pipe, cfg.sample.distilled_steps, 1.0)}
+    if sft:
+        sft_pipe = load_pipeline(sft)
+        gens["sft"] = WorldGenerator(sft_pipe)
+        gens["sft_4"] = WorldGenerator(sft_pipe, cfg.sample.distilled_steps, 1.0)
     params = sum(p.numel() for p in base_pipe.transformer.parameters()) + \
         sum(p.numel() for p in base_pipe.text_encoder.parameters())
     edits = {k: edit_success(gen, trials, g, c, seed, app) for k, gen in gens.items()}
+    ks = [k for k in MULTI_KS if 2 * k <= g * g]
+    multi = {k: multi_op_success(gen, ks, multi_trials or trials, g, c, seed, app) for k, gen in gens.items()}
     single = {k: single_step_pass(gen, prompts, g, range(1, tiers + 1), seed) for k, gen in gens.items()}
     eb, ed = edits["base_28_cfg"], edits["distilled_4"]
-    return {
+    out = {
         "params": params,
         "appearance": "varied" if app.varied else "fixed",
         "edit_trials": trials,
         "edit_success": edits,
         "distill_gap_max": max(abs(eb[k] - ed[k]) for k in eb),
+        "multi_op_trials": multi_trials or trials,
+        "multi_op_success": multi,
         "single_step_prompts": prompts,
         "single_step_pass": single,
-        "train_samples_per_s": round(train_samples_per_s(cfg), 1),
-        "ms_per_image_4": round(ms_per_image(gens["distilled_4"], 128, g, c), 2),
-        "ms_per_image_28": round(ms_per_image(gens["base_28_cfg"], 128, g, c), 2),
-        "models": {"base": str(base), "distilled": str(distilled)},
+        "models": {"base": str(base), "distilled": str(distilled), **({"sft": str(sft)} if sft else {})},
     }
+    if speed:
+        out.update(train_samples_per_s=round(train_samples_per_s(cfg), 1),
+                   ms_per_image_4=round(ms_per_image(gens["distilled_4"], 128, g, c), 2),
+                   ms_per_image_28=round(ms_per_image(gens["base_28_cfg"], 128, g, c), 2))
+    return out

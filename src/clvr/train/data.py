@@ -14,11 +14,17 @@ fixed (the default), samples are exactly those of the fixed world.
 Mix: `edit_frac` edits (add-heavy; the instruction text from `clvr.steps.Step`, the trace = the adds that
 built the reference canvas, grounded regions with probability `grounded_frac`) and text-to-image samples
 (prompt from the world grammar, layout from its solver; reference = blank canvas, no regions).
+
+`MultiMix` (the sft stage) puts coarse steps in front of that mix: with probability `multi_frac` a grounded
+multi-op edit (one `Step(op="edit")` of k = 2..max_k mixed ops on distinct cells), with probability
+`layout_frac` a layout text-to-image sample (1..max_layout adds on the blank canvas, grounded, no trace); the
+rest are the samples above (the guard against forgetting single-op edits and text-to-image).
+Each sample carries its step's single-op parts (`Batch.parts`: a cell-slot model's slots).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -83,6 +89,38 @@ class Batch:
     changed: np.ndarray  # (B, N) float 0/1 cells where target != reference
     texts: list[str]
     edit: np.ndarray  # (B,) bool
+    parts: list[tuple[Step, ...]] = field(default_factory=list)  # each sample's single-op steps (() = none)
+    # (reference, target) canvases (H, W, 3) uint8 of samples given as images (data-engine examples), else None;
+    # empty = none. Such a sample's x0/ref contents are unused (see `batch_tokens`).
+    images: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MultiMix:
+    """Coarse-step samples (see the module docstring); the rest of a batch is today's mix."""
+
+    multi_frac: float = 0.0  # grounded multi-op edits, k = 2..max_k
+    max_k: int = 8
+    layout_frac: float = 0.0  # layout text-to-image: 1..max_layout adds on a blank canvas
+    max_layout: int = 12
+
+
+def image_tokens(images: np.ndarray, grid: int, cell: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, grid*grid, cell*cell*3) in [-1, 1] (the layout of `tokens`)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
+    b = x.shape[0]
+    return x.view(b, grid, cell, grid, cell, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, grid * grid, cell * cell * 3)
+
+
+def batch_tokens(b: Batch, grid: int, cell: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, ref, changed) of a batch: tokens of the cell contents, or of the canvases for samples given as
+    images (changed = cells whose pixels differ)."""
+    x0, ref, changed = tokens(b.x0, cell), tokens(b.ref, cell), torch.from_numpy(b.changed)
+    for i, im in enumerate(b.images):
+        if im is not None:
+            ref[i], x0[i] = image_tokens(np.stack(im), grid, cell)
+            changed[i] = (x0[i] != ref[i]).any(-1).float()
+    return x0, ref, changed
 
 
 def join_text(trace: list[str], instruction: str) -> str:
@@ -121,6 +159,40 @@ def random_edit(rng: np.random.Generator, grid: int, max_objects: int, op: str |
         else:
             step = Step("move", o.shape, o.color, o.cell, to=free[rng.integers(len(free))])
     return scene, step, adds
+
+
+def random_multi_edit(rng: np.random.Generator, grid: int, k: int, max_objects: int,
+                      op_probs: tuple[float, ...] = OP_PROBS, n_objects: int | None = None
+                      ) -> tuple[Scene, Step, list[Step]]:
+    """(reference scene, one multi-op `Step(op="edit")` of k ops on distinct cells, the trace of adds): each op
+    drawn from `op_probs` among those the cells left allow (an add needs a free cell, a remove or recolor an
+    object, a move both). k ops always fit when 2k <= grid*grid; else the step may hold fewer. The reference
+    holds `n_objects` objects (None: 0..max_objects at random)."""
+    n = int(rng.integers(0, min(max_objects, grid * grid) + 1)) if n_objects is None else n_objects
+    scene, adds = random_scene(rng, grid, n)
+    objs = [scene.objects[i] for i in rng.permutation(len(scene.objects))]
+    free = [scene.free_cells()[i] for i in rng.permutation(len(scene.free_cells()))]
+    probs = np.asarray(op_probs, float)
+    parts: list[Step] = []
+    for _ in range(k):
+        ok = np.array([bool(free), bool(objs), bool(objs), bool(objs and free)])
+        if not (ok & (probs > 0)).any():
+            break
+        p = probs * ok
+        op = EDIT_OPS[rng.choice(len(EDIT_OPS), p=p / p.sum())]
+        if op == "add":
+            shape, color = SHAPES[rng.integers(len(SHAPES))], _COLOR_NAMES[rng.integers(len(COLORS))]
+            parts.append(Step("add", shape, color, free.pop()))
+            continue
+        o = objs.pop()
+        if op == "remove":
+            parts.append(Step("remove", o.shape, o.color, o.cell))
+        elif op == "recolor":
+            new = [c for c in _COLOR_NAMES if c != o.color][rng.integers(len(COLORS) - 1)]
+            parts.append(Step("recolor", o.shape, o.color, o.cell, new_color=new))
+        else:
+            parts.append(Step("move", o.shape, o.color, o.cell, to=free.pop()))
+    return scene, Step("edit", ops=tuple(parts)), adds
 
 
 class PromptSource:
@@ -194,26 +266,38 @@ class PromptSource:
 
 def sample_batch(rng: np.random.Generator, size: int, grid: int, edit_frac: float, grounded_frac: float,
                  text_dropout: float, max_objects: int, prompts: PromptSource, max_trace: int = 8,
-                 op_probs: tuple[float, ...] = OP_PROBS, appearance=None) -> Batch:
-    """`appearance` (config world.appearance): None = the one `prompts` was made with."""
+                 op_probs: tuple[float, ...] = OP_PROBS, appearance=None, multi: MultiMix | None = None) -> Batch:
+    """`appearance` (config world.appearance): None = the one `prompts` was made with. `multi`: coarse-step
+    samples first (None: today's mix, drawn exactly as before)."""
     app = getattr(prompts, "appearance", None) if appearance is None else appearance
     n = grid * grid
     x0, ref, region = np.zeros((size, n), np.int64), np.zeros((size, n), np.int64), np.zeros((size, n), np.float32)
+    kind = rng.random(size) if multi is not None else np.ones(size)
     edit = rng.random(size) < edit_frac
-    texts = []
+    texts, parts = [], []
     for i in range(size):
-        if edit[i]:
-            scene, step, adds = random_edit(rng, grid, max_objects, op_probs=op_probs)
+        coarse = None
+        if multi is not None and kind[i] < multi.multi_frac:
+            coarse = random_multi_edit(rng, grid, int(rng.integers(2, multi.max_k + 1)), max_objects, op_probs)
+        elif multi is not None and kind[i] < multi.multi_frac + multi.layout_frac:
+            coarse = random_multi_edit(rng, grid, int(rng.integers(1, multi.max_layout + 1)), 0, (1.0, 0, 0, 0), 0)
+        if coarse is not None or edit[i]:
+            edit[i] = True
+            scene, step, adds = coarse or random_edit(rng, grid, max_objects, op_probs=op_probs)
             scene = vary(scene, rng, app)
             ref[i], x0[i] = contents_of(scene), contents_of(vary(step.apply(scene), rng, app))
-            if rng.random() < grounded_frac:
+            if coarse is not None or rng.random() < grounded_frac:  # coarse steps: always grounded (as the loop)
                 for r, c in step.regions():
                     region[i, r * grid + c] = 1.0
             k = int(rng.integers(0, max_trace + 1))
             trace = [a.instruction() for a in adds[max(0, len(adds) - k):]] if k else []
             text = join_text(trace if rng.random() < 0.7 else [], step.instruction())
+            step_parts = step.parts()
         else:
             text, scene = prompts(rng)  # looks (if varied) come with the layout: the judge accepted them
             x0[i] = contents_of(scene)
-        texts.append("" if rng.random() < text_dropout else text)
-    return Batch(x0, ref, region, (x0 != ref).astype(np.float32), texts, edit)
+            step_parts = ()
+        drop = rng.random() < text_dropout
+        texts.append("" if drop else text)
+        parts.append(() if drop else step_parts)
+    return Batch(x0, ref, region, (x0 != ref).astype(np.float32), texts, edit, parts, [None] * size)

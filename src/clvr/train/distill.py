@@ -76,12 +76,12 @@ class DistillLoss:
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         with torch.no_grad():
             tp = self.teacher
-            cond = Cond(ref, region, tp.encode_text(b.texts))
+            cond = Cond(ref, region, tp.encode_text(b.texts, b.parts))
             new_c, gate_c = tp.predict(x_t, t, cond)
             new_u, _ = tp.predict(x_t, t, cond, tp.encode_text([""] * len(b.texts)))
             target = new_u + w * (new_c - new_u)
             gate_t = torch.sigmoid(gate_c)
-        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
+        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
         target, gate_t = target.to(new.device), gate_t.to(new.device)
         wt = 1 + (d.changed_weight - 1) * torch.from_numpy(b.changed).to(new.device)
         loss_x = weighted_x0_loss(engine, new, target, wt)
@@ -192,9 +192,10 @@ class ProgressiveLoss:
         idx = (grid[:n][None, :] - t[:, None]).abs().argmin(1)
         t_next = grid[idx + 1]
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        cond = Cond(ref, region, tp.encode_text(b.texts), tp.encode_text([""] * len(b.texts)) if w > 1 else None)
+        cond = Cond(ref, region, tp.encode_text(b.texts, b.parts),
+                    tp.encode_text([""] * len(b.texts)) if w > 1 else None)
         tgt = two_teacher_steps(tp, x_t, t, t_next, cond, w, edit)
-        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
+        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
         mask, ref_d = tgt["mask"].to(new.device, new.dtype), dev(ref).to(new.dtype)
         x0_s = ref_d + mask[..., None] * (new - ref_d)  # the student's x0 as the sampler composes it
         wt = 1 + (d.changed_weight - 1) * torch.from_numpy(b.changed).to(new.device)

@@ -37,15 +37,21 @@ class Rows:
 
 
 def draw_rows(section: Any, prompts: PromptSource, grid: int, step: int, lo: int, hi: int,
-              text_dropout: float) -> Rows:
-    """Samples [lo, hi) of global batch `step`, each from default_rng([section.seed, step, i])."""
+              text_dropout: float, draw: Callable[[np.random.Generator], Batch] | None = None) -> Rows:
+    """Samples [lo, hi) of global batch `step`, each from default_rng([section.seed, step, i]). `draw(rng)`, when
+    given, makes each sample instead (e.g. sft's mix with data-engine examples)."""
     rngs = [np.random.default_rng([section.seed, step, i]) for i in range(lo, hi)]
-    parts = [sample_batch(r, 1, grid, section.edit_frac, section.grounded_frac, text_dropout, section.max_objects,
-                          prompts, op_probs=tuple(section.op_probs)) for r in rngs]
+    draw = draw or (lambda r: sample_batch(r, 1, grid, section.edit_frac, section.grounded_frac, text_dropout,
+                                           section.max_objects, prompts, op_probs=tuple(section.op_probs)))
+    return Rows(cat_batches([draw(r) for r in rngs]), rngs, step)
+
+
+def cat_batches(parts: list[Batch]) -> Batch:
+    """Batches -> one batch (rows in order)."""
     cat = lambda k: np.concatenate([getattr(p, k) for p in parts])  # noqa: E731
-    batch = Batch(cat("x0"), cat("ref"), cat("region"), cat("changed"), [t for p in parts for t in p.texts],
-                  cat("edit"))
-    return Rows(batch, rngs, step)
+    flat = lambda k: [x for p in parts for x in getattr(p, k)]  # noqa: E731
+    return Batch(cat("x0"), cat("ref"), cat("region"), cat("changed"), flat("texts"), cat("edit"), flat("parts"),
+                 flat("images"))
 
 
 class Loss(Protocol):
@@ -97,11 +103,14 @@ class Trainer:
 
     def __init__(self, name: str, cfg: Config, section: Any, build: Callable[[Path | None], WorldPipeline],
                  loss: Loss, evaluate: Callable[[WorldPipeline], dict[str, float]], out: Path | None,
-                 text_dropout: float = 0.0):
+                 text_dropout: float = 0.0, draw: Callable[[np.random.Generator], Batch] | None = None,
+                 modules: Callable[[WorldPipeline], dict[str, torch.nn.Module]] | None = None,
+                 save_model: Callable[[WorldPipeline, Path], None] | None = None):
         self.name, self.cfg, self.s, self.out = name, cfg, section, out
         if out is not None:
             claim_run_dir(out, f"world {name}", f"{name}.out")
-        self.loss, self.evaluate_fn, self.text_dropout = loss, evaluate, text_dropout
+        self.loss, self.evaluate_fn, self.text_dropout, self.draw = loss, evaluate, text_dropout, draw
+        self.save_model = save_model or (lambda pipe, d: pipe.save_pretrained(d))
         self.prompts = PromptSource(cfg.world.grid, section.tier_weights, section.prompt_pool, section.seed,
                                     appearance=cfg.world.appearance)
         self.step = 0
@@ -111,8 +120,9 @@ class Trainer:
             eng_mod.dist.barrier()
         resume = eng_mod.latest(out) if out is not None else None
         self.pipe = build(resume)
-        self.engine = Engine({"transformer": self.pipe.transformer, "text_encoder": self.pipe.text_encoder},
-                             cfg.engine, section.batch_size, section.lr, section.weight_decay)
+        trained = modules(self.pipe) if modules else {"transformer": self.pipe.transformer,
+                                                       "text_encoder": self.pipe.text_encoder}
+        self.engine = Engine(trained, cfg.engine, section.batch_size, section.lr, section.weight_decay)
         if resume is not None:
             self.step = self.engine.load(resume)["step"]
         self.params = self.engine.params
@@ -122,7 +132,8 @@ class Trainer:
         """This rank's share of global batch `step`."""
         e = self.engine
         lo = e.rank * e.micro_batch
-        return draw_rows(self.s, self.prompts, self.cfg.world.grid, step, lo, lo + e.micro_batch, self.text_dropout)
+        return draw_rows(self.s, self.prompts, self.cfg.world.grid, step, lo, lo + e.micro_batch, self.text_dropout,
+                         draw=self.draw)
 
     def train_step(self) -> dict[str, float]:
         s = self.s
@@ -147,13 +158,13 @@ class Trainer:
             with tempfile.TemporaryDirectory(prefix="clvr-eval-") as d:
                 with e.full_params():
                     if e.is_main:
-                        self.pipe.save_pretrained(d)
+                        self.save_model(self.pipe, d)
                 ev = self.evaluate_fn(load_pipeline(d)) if e.is_main else {}
         e.barrier()
         return ev
 
     def save(self) -> None:
-        self.engine.save(self.out, self.step, lambda d: self.pipe.save_pretrained(d), {"config": to_dict(self.cfg)})
+        self.engine.save(self.out, self.step, lambda d: self.save_model(self.pipe, d), {"config": to_dict(self.cfg)})
 
     def fit(self) -> dict:
         """Train to section.steps (from wherever the last checkpoint left off). Rank 0 writes metrics.jsonl,
@@ -187,7 +198,7 @@ class Trainer:
                    "steps": float(self.step), "wall_s_this_run": time.perf_counter() - t0}
         with e.full_params():
             if main:
-                atomic_dir(out / "final", lambda d: self.pipe.save_pretrained(d))
+                atomic_dir(out / "final", lambda d: self.save_model(self.pipe, d))
                 ckpt.write_json(out / "metrics.json", metrics)
         e.barrier()
         return {"metrics": ckpt.read_json(out / "metrics.json"), "final": str(out / "final")}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from clvr.config import Config
 from clvr.models.pipeline import Cond, WorldPipeline
-from clvr.train.data import tokens
+from clvr.train.data import batch_tokens
 from clvr.train.engine import Engine
 from clvr.train.loop import Rows, Trainer
 
@@ -34,7 +34,7 @@ def build_pipeline(cfg: Config, init: str = "") -> WorldPipeline:
     return WorldPipeline.from_sizes(g.hidden, g.heads, g.double_layers, g.single_layers, g.text_hidden,
                                     g.text_layers, g.max_text_len, cfg.world.grid, cfg.world.cell,
                                     seed=cfg.pretrain.seed, default_steps=cfg.sample.steps,
-                                    default_guidance=cfg.sample.guidance)
+                                    default_guidance=cfg.sample.guidance, cell_slots=g.cell_slots)
 
 
 def noise(rows: Rows, shape: tuple[int, int], t_of: callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,12 +70,14 @@ def weighted_x0_loss(engine: Engine, new: torch.Tensor, target: torch.Tensor, w:
 
 
 class PretrainLoss:
-    def __init__(self, cfg: Config):
-        self.cfg, self.grid = cfg, None
+    """`section`: where the loss weights (changed_weight, gate_weight, train_sigmas) come from; default pretrain."""
+
+    def __init__(self, cfg: Config, section=None):
+        self.cfg, self.grid, self.s = cfg, None, section or cfg.pretrain
 
     def t_of(self, pipe: WorldPipeline) -> callable:
         """t's distribution: logit-normal, or (train_sigmas = k) uniform over the k sigmas of pipe's sampler."""
-        k = self.cfg.pretrain.train_sigmas
+        k = self.s.train_sigmas
         if not k:
             return logit_normal_t
         if self.grid is None:
@@ -83,12 +85,12 @@ class PretrainLoss:
         return lambda r: float(self.grid[r.integers(k)])
 
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
-        b, cell, p, dev = rows.batch, self.cfg.world.cell, self.cfg.pretrain, engine.to_device
-        x0, ref = tokens(b.x0, cell), tokens(b.ref, cell)
-        changed, region = torch.from_numpy(b.changed), torch.from_numpy(b.region)
+        b, p, dev = rows.batch, self.s, engine.to_device
+        x0, ref, changed = batch_tokens(b, self.cfg.world.grid, self.cfg.world.cell)
+        region = torch.from_numpy(b.region)
         t, eps = noise(rows, tuple(x0.shape[1:]), self.t_of(pipe))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
-        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts)))
+        new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
         x0, changed = x0.to(new.device), changed.to(new.device)
         w = 1 + (p.changed_weight - 1) * changed
         loss_x = weighted_x0_loss(engine, new, x0, w)
