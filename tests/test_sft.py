@@ -18,7 +18,7 @@ from clvr.steps import Step
 from clvr.train import loop, sft
 from clvr.train.bench import multi_requests
 from clvr.train.data import MultiMix, PromptSource, batch_tokens, random_multi_edit, sample_batch
-from clvr.trajectories import StepExample
+from clvr.trajectories import Example
 from clvr.world.render import render
 from clvr.world.scene import Obj, Scene
 
@@ -134,7 +134,7 @@ def test_data_engine_example_trains_on_its_own_images(tmp_path):
     tgt = render(Scene((Obj("circle", "red", 0, 0), Obj("square", "blue", 2, 3)), 4), 16)
     Image.fromarray(ref).save(tmp_path / "a.png"), Image.fromarray(tgt).save(tmp_path / "b.png")
     step = Step.from_dict({"op": "add", "shape": "square", "color": "blue", "cell": [2, 3]})
-    b = sft.example_batch(StepExample(tmp_path / "a.png", tmp_path / "b.png", ("add a red circle at row 0 column 0",),
+    b = sft.example_batch(Example(tmp_path / "a.png", tmp_path / "b.png", ("add a red circle at row 0 column 0",),
                                       step), 4, 16, 0.0, np.random.default_rng(0))
     x0, r, changed = batch_tokens(b, 4, 16)
     assert changed[0].nonzero().flatten().tolist() == [11] and b.region[0, 11] == 1 and b.parts == [(step,)]
@@ -143,7 +143,7 @@ def test_data_engine_example_trains_on_its_own_images(tmp_path):
     Image.fromarray(ref[:32]).save(tmp_path / "a.png")
     sft._png.cache_clear()
     with pytest.raises(ClvrError, match="a.png is 64x32"):
-        sft.example_batch(StepExample(tmp_path / "a.png", tmp_path / "b.png", (), step), 4, 16, 0.0,
+        sft.example_batch(Example(tmp_path / "a.png", tmp_path / "b.png", (), step), 4, 16, 0.0,
                           np.random.default_rng(0))
 
 
