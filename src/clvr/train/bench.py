@@ -26,29 +26,28 @@ from clvr.world.detector import detect, to_scene
 from clvr.world.render import render, vary
 
 
-def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects: int = 10, appearance=None):
-    rng = np.random.default_rng([seed, EDIT_OPS.index(op)])
+def step_requests(draw, rng: np.random.Generator, n: int, cell: int, seed: int, appearance=None):
+    """n grounded requests as the loop sends them (reference canvas, the trace of adds that built it, one step)
+    and the scenes they should give; `draw(rng)` -> (reference scene, step, adds)."""
     reqs, targets = [], []
     for i in range(n):
-        scene, step, adds = random_edit(rng, grid, max_objects, op)
+        scene, step, adds = draw(rng)
         scene = vary(scene, rng, appearance)
         reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
                                step.regions(), seed=seed * 1000 + i, step=step))
         targets.append(step.apply(scene))
     return reqs, targets
+
+
+def edit_requests(op: str, n: int, grid: int, cell: int, seed: int, max_objects: int = 10, appearance=None):
+    rng = np.random.default_rng([seed, EDIT_OPS.index(op)])
+    return step_requests(lambda r: random_edit(r, grid, max_objects, op), rng, n, cell, seed, appearance)
 
 
 def multi_requests(k: int, n: int, grid: int, cell: int, seed: int, max_objects: int = 10, appearance=None):
     """n grounded multi-op steps of k mixed ops (as the loop sends them) and the scenes they should give."""
     rng = np.random.default_rng([seed, 100 + k])
-    reqs, targets = [], []
-    for i in range(n):
-        scene, step, adds = random_multi_edit(rng, grid, k, max_objects)
-        scene = vary(scene, rng, appearance)
-        reqs.append(GenRequest(step.instruction(), [a.instruction() for a in adds], render(scene, cell),
-                               step.regions(), seed=seed * 1000 + i, step=step))
-        targets.append(step.apply(scene))
-    return reqs, targets
+    return step_requests(lambda r: random_multi_edit(r, grid, k, max_objects), rng, n, cell, seed, appearance)
 
 
 def multi_op_success(gen, ks, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
