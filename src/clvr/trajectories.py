@@ -31,7 +31,7 @@ and no macro-step examples) and the judge's `failures`:
                         (the loop's verifier passed it but the re-check did not: never accepted)
     judge               {"passed", "reason", "failures"}: the re-check of `final` against `metadata`; `failures`
                         lists the broken constraints (clvr.judge.Failure.to_dict), `reason` is their text
-    ended_by            "stop" | "max_iters" | "max_nfe"
+    ended_by            "stop" | "max_iters" | "max_nfe" | "max_calls"
     calls, nfe, retries, corrections, rejected    generator calls, network evaluations, retried steps,
                         correction steps, controller outputs rejected by the schema or the state
     baseline            {"image", "passed", "reason", "failures"}: the single-step image for the same prompt and

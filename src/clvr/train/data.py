@@ -33,9 +33,8 @@ import torch
 from clvr.steps import Step
 from clvr.world.render import cell_patch, render, vary
 from clvr.world.scene import Look, Obj, Scene
-from clvr.world.vocab import COLORS, SHAPES
+from clvr.world.vocab import COLORS, EDIT_OPS, SHAPES
 
-EDIT_OPS = ("add", "remove", "recolor", "move")
 OP_PROBS = (0.4, 0.2, 0.2, 0.2)
 N_KINDS = len(SHAPES) * len(COLORS)
 N_CONTENTS = 1 + N_KINDS  # contents of the fixed world (canonical sprites)
