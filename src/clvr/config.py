@@ -115,7 +115,7 @@ class GeneratorCfg:
 
 
 def check_data_mix(sec: Any, name: str) -> None:
-    """The keys pretrain and distill share: global batch, edit mix, text-to-image tier weights, schedule, loss
+    """The keys pretrain, distill and sft share: global batch, edit mix, text-to-image tier weights, schedule, loss
     weights, out dir, seed."""
     check_global_batch(sec.batch_size, f"{name}.batch_size")
     p = sec.op_probs
@@ -133,24 +133,31 @@ def check_data_mix(sec: Any, name: str) -> None:
 
 
 @dataclass
-class PretrainCfg:
+class DataMixCfg:
+    """The data mix and loss weights of a trainer's own batches, the same keys in pretrain, distill and sft (each
+    section reads its own, never another's; `check_data_mix` checks them)."""
+
+    edit_frac: float = 0.7
+    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])  # edits: add, remove, recolor, move
+    grounded_frac: float = 0.8  # edits whose target cells are marked (the loop always marks them)
+    max_objects: int = 10  # objects on an edit's reference canvas
+    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])  # text-to-image tiers 1..
+    prompt_pool: int = 400  # prompts per tier made once (0 = a fresh grammar prompt per sample)
+    changed_weight: float = 5.0  # loss weight of edited cells
+    gate_weight: float = 0.5  # BCE weight of the gate
+    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
+    weight_decay: float = 0.0
+
+
+@dataclass
+class PretrainCfg(DataMixCfg):
     out: str = "runs/pretrain"
     init: str = ""  # "" = from scratch, "base" = the shipped base weights, or a checkpoint folder
     steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
-    min_lr_frac: float = 0.1  # cosine decay to lr * min_lr_frac
-    weight_decay: float = 0.0
-    edit_frac: float = 0.7
-    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])  # edits: add, remove, recolor, move
-    grounded_frac: float = 0.8  # edits whose target cells are marked (the loop always marks them)
     text_dropout: float = 0.1  # empty text, for classifier-free guidance
-    max_objects: int = 10  # objects on an edit's reference canvas
-    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])  # text-to-image tiers 1..
-    prompt_pool: int = 400  # prompts per tier made once (0 = a fresh grammar prompt per sample)
-    changed_weight: float = 5.0  # loss weight of edited cells
-    gate_weight: float = 0.5  # BCE weight of the gate
     log_every: int = 50
     eval_every: int = 500
     ckpt_every: int = 250
@@ -224,7 +231,7 @@ DISTILL_METHODS = ("guidance", "progressive")
 
 
 @dataclass
-class DistillCfg:
+class DistillCfg(DataMixCfg):
     out: str = "runs/distill"
     teacher: str = ""  # "" = <pretrain.out>/final if present, else the shipped base; or a checkpoint folder
     steps: int = 1000
@@ -240,17 +247,6 @@ class DistillCfg:
     guidance: float = 2.0
     ckpt_every: int = 250
     seed: int = 0
-    # the data mix and loss weights of distill's own batches (read from here, not from pretrain.*)
-    edit_frac: float = 0.7
-    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
-    grounded_frac: float = 0.8
-    max_objects: int = 10
-    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])
-    prompt_pool: int = 400
-    changed_weight: float = 5.0
-    gate_weight: float = 0.5
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.0
     # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the shipped recipe);
     # progressive: one student step = two teacher steps, in `rounds` halving rounds (Salimans & Ho 2022), for a
     # multimodal target (the varied world). See clvr.train.distill.
@@ -271,10 +267,11 @@ SFT_MODES = ("lora", "full")
 
 
 @dataclass
-class SftCfg:
+class SftCfg(DataMixCfg):
     """Trajectory SFT (`sft` stage, clvr.train.sft): fine-tune a released generator on coarse steps (multi-op
     edits and layout text-to-image made on the fly, plus the data engine's examples when `data` is given),
-    mixed with the pretraining samples so single-op edits and text-to-image are not forgotten."""
+    mixed with the pretraining samples so single-op edits and text-to-image are not forgotten (the rest of the mix:
+    the `DataMixCfg` keys)."""
 
     out: str = "runs/sft"
     init: str = "base"  # the generator fine-tuned: base | distilled | a checkpoint folder
@@ -293,18 +290,7 @@ class SftCfg:
     batch_size: int = 64
     lr: float = 3e-4
     warmup: int = 20
-    min_lr_frac: float = 0.1
-    weight_decay: float = 0.0
-    # the rest of the mix: today's pretraining samples (the guard against forgetting)
-    edit_frac: float = 0.7
-    op_probs: list[float] = field(default_factory=lambda: [0.4, 0.2, 0.2, 0.2])
-    grounded_frac: float = 0.8
     text_dropout: float = 0.1
-    max_objects: int = 10
-    tier_weights: list[float] = field(default_factory=lambda: [8.0, 4.0, 2.0, 1.0, 1.0])
-    prompt_pool: int = 400
-    changed_weight: float = 5.0
-    gate_weight: float = 0.5
     train_sigmas: int = 0
     log_every: int = 50
     eval_every: int = 500
