@@ -428,6 +428,8 @@ def test_partly_failed_multi_op_step_keeps_the_ops_that_passed():
     parts = Step.from_dict(first.step).parts()
     assert len(parts) == 3 and first.passive["parts"] == [True, False, True] and not first.passive["ok"]
     assert first.accepted and first.passive["kept"] == [0, 2] and "kept 2/3" in first.caption()
+    a = parts[0]
+    assert first.caption().startswith(f"{first.index}. 3 ops [x, kept 2/3]: {a.op} {a.color} {a.shape} ({a.cell[0]},")
     from clvr.world.detector import detect, to_scene
 
     kept_scene = to_scene(detect(second.input, 4), 4)  # the composed canvas: ops 0 and 2, no stray, no op 1

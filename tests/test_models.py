@@ -159,3 +159,20 @@ def test_corrupt_checkpoint_names_the_path(saved, tmp_path):
     (other / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(CheckpointError, match=str(other)):
         load_pipeline(other)
+
+
+def test_mlp_head_model_round_trips_and_head_width_0_is_the_stock_flux2(tmp_path):
+    """`generator.head_width` > 0 swaps Flux2's Linear `proj_out` for an MLP (clvr.models.transformer); the folder
+    loads back through diffusers as the same model. 0 keeps the stock model, weight for weight."""
+    from diffusers import Flux2Transformer2DModel
+
+    head = build_pipeline(load_config("ci", ["generator.head_width=32"]))
+    assert [type(m).__name__ for m in head.transformer.proj_out] == ["Linear", "GELU", "Linear"]
+    head.save_pretrained(tmp_path / "head")
+    again = load_pipeline(tmp_path / "head")
+    assert again.transformer.config.head_width == 32
+    r = request(seed=5)
+    assert np.array_equal(WorldGenerator(head, 3, 2.0).generate(r).image, WorldGenerator(again, 3, 2.0).generate(r).image)
+    stock = build_pipeline(load_config("ci")).transformer
+    cfg = {k: v for k, v in stock.config.items() if not k.startswith("_") and k != "head_width"}
+    assert stock.state_dict().keys() == Flux2Transformer2DModel(**cfg).state_dict().keys()

@@ -234,3 +234,21 @@ def test_bench_generator_reports_multi_op_success_by_k_for_an_sft_model(tmp_path
     assert all(list(v) == [str(k) for k in MULTI_KS] for v in res["multi_op_success"].values())
     assert res["multi_op_success"]["base_4"]["1"] == 1.0 and "train_samples_per_s" not in res
     assert res["models"]["sft"] == str(tmp_path / "sft")
+    assert all(list(v) == ["4", "8", "12"] for v in res["layout_success"].values())
+
+
+def test_layout_success_counts_a_drawn_layout_and_nothing_less():
+    from clvr.loop.oracle import noisy_oracle, oracle
+    from clvr.train.bench import layout_requests, layout_success
+    from clvr.world.render import blank
+
+    reqs, targets = layout_requests(12, 3, 4, 16, seed=5)
+    assert all(len(r.step.ops) == 12 and len(t.objects) == 12 for r, t in zip(reqs, targets))
+    assert all((r.reference == blank(4, 16)).all() for r in reqs)
+    class Batched:  # the benchmark's generators batch; the oracles draw one request at a time
+        def __init__(self, gen):
+            self.generate_batch = lambda reqs: [gen.generate(r) for r in reqs]
+
+    assert layout_success(Batched(oracle()), (4, 8, 12), 5, 4, 16) == {"4": 1.0, "8": 1.0, "12": 1.0}
+    noisy = layout_success(Batched(noisy_oracle(p_err=0.5)), (12,), 20, 4, 16)["12"]
+    assert noisy < 0.2  # one spoilt object of 12 fails the whole layout

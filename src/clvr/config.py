@@ -102,10 +102,11 @@ class GeneratorCfg:
     text_layers: int = 2
     max_text_len: int = 16  # tokens; trace + instruction is truncated from the left (the instruction stays)
     cell_slots: bool = False  # grid*grid*3 cell-slot tokens before the free text (clvr.models.pipeline)
+    head_width: int = 0  # > 0: MLP output head of this width (clvr.models.transformer); 0: the stock Linear
 
     def check(self, name: str) -> None:
         need_all(self, name, "hidden heads text_hidden text_layers max_text_len", at_least(1), ">= 1")
-        need_all(self, name, "double_layers single_layers", at_least(0), ">= 0")
+        need_all(self, name, "double_layers single_layers head_width", at_least(0), ">= 0")
         need(self.double_layers + self.single_layers >= 1, f"{name}.double_layers + single_layers", ">= 1",
              self.double_layers + self.single_layers)
         need(self.hidden % (8 * self.heads) == 0, f"{name}.hidden",

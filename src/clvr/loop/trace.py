@@ -38,7 +38,8 @@ class StepRecord:
 
     def caption(self) -> str:
         """e.g. "3. add a red circle at row 1 column 2 [retry, ok]"; "x" = failed passive verification,
-        "kept 2/3" = a multi-op step of which 2 ops passed and were kept."""
+        "kept 2/3" = a multi-op step of which 2 ops passed and were kept; a multi-op step: "0. 8 ops [ok]: add
+        red square (0,0), ..."."""
         if self.kind in ("rejected", "stop"):
             return f"{self.index}. {self.instruction or 'rejected: ' + self.note}"
         tags = [self.kind] if self.kind in ("retry", "correction") else []
@@ -48,7 +49,17 @@ class StepRecord:
             tags.append(f"kept {len(kept)}/{len((self.passive or {}).get('parts', ()))}")
         if not self.accepted:
             tags.append("undone")
+        ops = (self.step or {}).get("ops")
+        if ops:  # a multi-op step: its verdict first, then each op in short, as its full text would not fit
+            return f"{self.index}. {len(ops)} ops [{', '.join(tags)}]: " + ", ".join(_short(o) for o in ops)
         return f"{self.index}. {self.instruction} [{', '.join(tags)}]"
+
+
+def _short(op: dict) -> str:
+    """One op of a multi-op step for a caption, e.g. "add red square (0,1)", "move blue circle (2,0)>(3,3)"."""
+    where = "({},{})".format(*op["cell"]) + (">({},{})".format(*op["to"]) if op.get("to") else "")
+    color = f"{op['color']}>{op['new_color']}" if op.get("new_color") else op.get("color") or ""
+    return " ".join(w for w in (op["op"], color, op.get("shape") or "", where) if w)
 
 
 @dataclass

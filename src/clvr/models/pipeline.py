@@ -32,6 +32,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2T
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from clvr.models.tokenizer import PAD, build_tokenizer
+from clvr.models.transformer import WorldTransformer
 from clvr.steps import Step
 from clvr.world.vocab import BACKGROUND, COLORS
 
@@ -72,20 +73,21 @@ class WorldPipeline(DiffusionPipeline):
     @classmethod
     def from_sizes(cls, hidden: int, heads: int, double_layers: int, single_layers: int, text_hidden: int,
                    text_layers: int, max_text_len: int, grid: int = 4, cell: int = 16, seed: int = 0,
-                   default_steps: int = 28, default_guidance: float = 2.0, cell_slots: bool = False
-                   ) -> "WorldPipeline":
-        """A freshly initialised tiny pipeline (deterministic under `seed`)."""
+                   default_steps: int = 28, default_guidance: float = 2.0, cell_slots: bool = False,
+                   head_width: int = 0) -> "WorldPipeline":
+        """A freshly initialised tiny pipeline (deterministic under `seed`); `head_width` > 0: an MLP output head
+        (clvr.models.transformer)."""
         torch.manual_seed(seed)
         tok = build_tokenizer(max_text_len)
         feat = cell * cell * 3
         head_dim = hidden // heads
         if head_dim % 8 and head_dim % 4 == 0 and (head_dim // 4) % 2:
             raise ValueError(f"hidden/heads = {head_dim} must split into 4 even RoPE axes")
-        transformer = Flux2Transformer2DModel(
+        transformer = WorldTransformer(
             patch_size=1, in_channels=feat + 1, out_channels=feat + 1, num_layers=double_layers,
             num_single_layers=single_layers, attention_head_dim=head_dim, num_attention_heads=heads,
             joint_attention_dim=text_hidden, timestep_guidance_channels=64, mlp_ratio=3.0,
-            axes_dims_rope=(head_dim // 4,) * 4, rope_theta=2000, guidance_embeds=False)
+            axes_dims_rope=(head_dim // 4,) * 4, rope_theta=2000, guidance_embeds=False, head_width=head_width)
         text_len = max_text_len + (grid * grid * SLOT_LEN if cell_slots else 0)
         text_encoder = Qwen3Model(Qwen3Config(
             vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=2 * text_hidden,

@@ -6,6 +6,7 @@
 * single-step pass per tier: a grammar prompt of that tier, text-to-image in one call, judged by the world judge.
 * multi-op step success by k: a random reference canvas, one grounded `Step(op="edit")` of k mixed ops (add,
   remove, recolor, move on distinct cells; `clvr.train.data.random_multi_edit`); success as for a single edit.
+* layout text-to-image success by object count: one grounded step of that many adds on a blank canvas.
 
 `bench-generator` rows: `base_28_cfg` (base at `sample.steps` + CFG), `base_4` (the same base at
 `sample.distilled_steps` without CFG: what distillation must beat) and `distilled_4`, plus `sft` (the SFT model at
@@ -48,6 +49,24 @@ def multi_requests(k: int, n: int, grid: int, cell: int, seed: int, max_objects:
     """n grounded multi-op steps of k mixed ops (as the loop sends them) and the scenes they should give."""
     rng = np.random.default_rng([seed, 100 + k])
     return step_requests(lambda r: random_multi_edit(r, grid, k, max_objects), rng, n, cell, seed, appearance)
+
+
+def layout_requests(n_objects: int, n: int, grid: int, cell: int, seed: int):
+    """n layout text-to-image steps: one grounded multi-op step of `n_objects` adds on a blank canvas."""
+    rng = np.random.default_rng([seed, 200 + n_objects])
+    return step_requests(lambda r: random_multi_edit(r, grid, n_objects, 0, (1.0, 0.0, 0.0, 0.0), n_objects=0),
+                         rng, n, cell, seed)
+
+
+def layout_success(gen, sizes, n: int, grid: int, cell: int, seed: int = 1234) -> dict[str, float]:
+    """Layout text-to-image success per object count (keys "4", "8", ...): every object drawn where the step
+    puts it, nothing else."""
+    out = {}
+    for k in sizes:
+        reqs, targets = layout_requests(k, n, grid, cell, seed)
+        res = gen.generate_batch(reqs)
+        out[str(k)] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
+    return out
 
 
 def multi_op_success(gen, ks, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
@@ -132,6 +151,7 @@ def train_samples_per_s(cfg, seconds: float = 10.0) -> float:
 
 
 MULTI_KS = (1, 2, 3, 4, 6, 8)
+LAYOUT_SIZES = (4, 8, 12)
 
 
 def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int = 100, prompts: int = 50,
@@ -156,6 +176,8 @@ def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int
     edits = {k: edit_success(gen, trials, g, c, seed, app) for k, gen in gens.items()}
     ks = [k for k in MULTI_KS if 2 * k <= g * g]
     multi = {k: multi_op_success(gen, ks, multi_trials or trials, g, c, seed, app) for k, gen in gens.items()}
+    sizes = [k for k in LAYOUT_SIZES if k <= g * g]
+    layout = {k: layout_success(gen, sizes, multi_trials or trials, g, c, seed) for k, gen in gens.items()}
     single = {k: single_step_pass(gen, prompts, g, range(1, tiers + 1), seed) for k, gen in gens.items()}
     eb, ed = edits["base_28_cfg"], edits["distilled_4"]
     out = {
@@ -166,6 +188,7 @@ def run_bench(cfg, base: str = "base", distilled: str = "distilled", trials: int
         "distill_gap_max": max(abs(eb[k] - ed[k]) for k in eb),
         "multi_op_trials": multi_trials or trials,
         "multi_op_success": multi,
+        "layout_success": layout,
         "single_step_prompts": prompts,
         "single_step_pass": single,
         "models": {"base": str(base), "distilled": str(distilled), **({"sft": str(sft)} if sft else {})},

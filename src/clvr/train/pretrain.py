@@ -34,7 +34,8 @@ def build_pipeline(cfg: Config, init: str = "") -> WorldPipeline:
     return WorldPipeline.from_sizes(g.hidden, g.heads, g.double_layers, g.single_layers, g.text_hidden,
                                     g.text_layers, g.max_text_len, cfg.world.grid, cfg.world.cell,
                                     seed=cfg.pretrain.seed, default_steps=cfg.sample.steps,
-                                    default_guidance=cfg.sample.guidance, cell_slots=g.cell_slots)
+                                    default_guidance=cfg.sample.guidance, cell_slots=g.cell_slots,
+                                    head_width=g.head_width)
 
 
 def noise(rows: Rows, shape: tuple[int, int], t_of: callable) -> tuple[torch.Tensor, torch.Tensor]:
