@@ -247,9 +247,11 @@ def test_ship_installs_the_finetune_and_the_student_into_its_root(trained):
 
 def test_evaluate_stage(trained):
     """The retrain flow's sft and evaluate stages on pinned released weights (the ci foundation's, in tmp)."""
+    from clvr.synthesize import resolve_model
+
     tmp, _, _ = trained
     cfg = ci_cfg(tmp, f"weights.base={tmp}/weights/base", f"weights.distilled={tmp}/weights/distilled")
-    assert cfg.sft.init == cfg.synthesize.model == f"{tmp}/weights/base"  # one key pins the base
+    assert cfg.sft.init == resolve_model(cfg) == f"{tmp}/weights/base"  # one key pins the base
     run_stage("sft", cfg)
     res = run_stage("evaluate", cfg)
     m = res["metrics"]

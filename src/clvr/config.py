@@ -444,7 +444,7 @@ class SynthesizeCfg:
 
     out: str = "runs/synthesize"
     generator: str = "world"  # generator registry key (clvr.generator)
-    model: str = ""  # "" = weights.base (conf/base.yaml sets ${weights.base}); base | distilled | folder | oracle | noisy-oracle
+    model: str = ""  # "" = weights.base (the released base); base | distilled | folder | oracle | noisy-oracle
     steps: int = 0  # sampling steps per generator call (0 = the model's recorded default: base 28, distilled 4)
     guidance: float = -1.0  # CFG scale (< 0 = the model's recorded default: base 2.0; <= 1 = no CFG)
     n_per_tier: int = 220  # prompts per tier (trajectories attempted)
@@ -475,8 +475,8 @@ class SynthesizeCfg:
 class WeightsCfg:
     """The released generators the retrain flow starts from, as CLVR starts from FLUX.2 [klein]: "base" |
     "distilled" (the packaged weights, src/clvr/weights) or a checkpoint folder, resolved by clvr.registry.
-    conf/base.yaml points `synthesize.model` and `sft.init` at `base` (OmegaConf interpolation), so one key pins
-    the base every retrain stage uses."""
+    `synthesize.model` "" means `base`, and conf/base.yaml sets `sft.init` to `${weights.base}` (OmegaConf
+    interpolation), so one key pins the base every retrain stage uses."""
 
     base: str = "base"
     distilled: str = "distilled"

@@ -179,7 +179,7 @@ STAGES: list[Stage] = [
           outs=(), metrics=("{ship.out}/metrics.json",)),
     # ---- retrain: from the released weights
     Stage(name="synthesize", flow="retrain", func="clvr.synthesize:run", section="synthesize",
-          params=("world", "loop", "controller", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
+          params=("world", "loop", "controller", "weights.base", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
           deps=(*code_deps("clvr.synthesize"), WEIGHTS),
           outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
           metrics=("{synthesize.out}/metrics.json",),
