@@ -209,10 +209,6 @@ def get_stage(name: str) -> Stage:
     raise ClvrError(f"unknown stage '{name}' (known: {', '.join(stage_names())})")
 
 
-def flow_names() -> list[str]:
-    return list(FLOWS)
-
-
 def flow_stages(flow: str, only: list[str] | None = None) -> list[Stage]:
     """The stages `flow` runs, in registry order; `only` limits them to some of its stages (names)."""
     if flow not in FLOWS:
