@@ -1,8 +1,9 @@
 """`clvr reproduce TAG`: rerun a tagged pipeline run from scratch and compare its metrics with the tag's.
 
 The tag's commit is checked out into a temporary git worktree (the project's own checkout is untouched),
-sharing this project's DVC cache and remote; its data are restored (`dvc pull`), the stages in its dvc.lock
-are rerun from scratch (`dvc repro --force --no-run-cache`) with that commit's code and params.yaml, and
+sharing this project's DVC cache and remote; its data are restored (`dvc pull`), the stages of the tagged run's
+flow (`pipeline.flow` in its params.yaml) that its dvc.lock records are rerun from scratch (`dvc repro --force
+--no-run-cache`) with that commit's code and params.yaml, and
 `dvc metrics diff` compares the tag's committed metrics with the rerun's. Timing metrics
 (`pipeline.reproduce_ignore`) are skipped; any other difference beyond `pipeline.reproduce_tol` fails.
 """
@@ -53,10 +54,26 @@ def _outs_differ(wt: Path, cfg) -> list[str]:
 
     from clvr.stages import STAGES, resolve
 
-    cached = {resolve(o, cfg) for s in STAGES for o in s.outs}
+    cached = {resolve(o, cfg) for s in STAGES if s.flow == cfg.pipeline.flow for o in s.outs}
     old = dvc.cached_outs(yaml.safe_load(dvc.git(wt, "show", "HEAD:dvc.lock")) or {})
     new = dvc.cached_outs(dvc.lock(wt))
     return sorted(p for p in cached if old.get(p) != new.get(p))
+
+
+def tagged_stages(wt: Path) -> list[str]:
+    """The stages the tagged run ran: those of its flow (`pipeline.flow` in its params.yaml) that its dvc.lock
+    records. dvc.lock holds the stages of both flows once both have run in a checkout; a tag from before the
+    flows were split (no `pipeline.flow`) reruns every stage its dvc.lock records."""
+    import yaml
+
+    from clvr.stages import STAGES
+
+    locked = list(dvc.lock(wt).get("stages", {}))
+    flow = ((yaml.safe_load((wt / PARAMS_FILE).read_text()) or {}).get("pipeline") or {}).get("flow")
+    if flow is None:
+        return locked
+    ours = {s.name for s in STAGES if s.flow == flow}
+    return [name for name in locked if name in ours]
 
 
 def reproduce(root: Path, tag: str, tol: float | None = None, keep: bool = False,
@@ -74,11 +91,11 @@ def reproduce(root: Path, tag: str, tol: float | None = None, keep: bool = False
         cfg = load_config_file(wt / PARAMS_FILE)
         tol = cfg.pipeline.reproduce_tol if tol is None else tol
         _share_storage(root, wt)
-        log(f"[reproduce] {tag}: profile {cfg.profile}, worktree {wt}")
+        log(f"[reproduce] {tag}: flow {cfg.pipeline.flow}, profile {cfg.profile}, worktree {wt}")
         pulled = dvc.run(dvc.dvc_cmd("pull", "--allow-missing"), wt, check=False)
         if pulled.returncode != 0:  # no remote reachable: the shared cache alone
             dvc.run(dvc.dvc_cmd("checkout", "--allow-missing"), wt, check=False)
-        stages = list(dvc.lock(wt).get("stages", {}))  # what the tagged run ran
+        stages = tagged_stages(wt)
         rc, out = dvc.stream(dvc.dvc_cmd("repro", "--force", "--no-run-cache", *stages), wt, tmp / "repro.log",
                              on_line=lambda s: log(f"  {s}") if s.startswith(("Running stage", "[")) else None)
         if rc != 0:
@@ -91,6 +108,6 @@ def reproduce(root: Path, tag: str, tol: float | None = None, keep: bool = False
             dvc.git(root, "worktree", "remove", "--force", str(wt), check=False)
             shutil.rmtree(tmp, ignore_errors=True)
     bad = [r for r in rows if not r["ok"]]
-    return {"tag": tag, "profile": cfg.profile, "tol": tol, "compared": len(rows), "different": len(bad),
+    return {"tag": tag, "flow": cfg.pipeline.flow, "profile": cfg.profile, "tol": tol, "compared": len(rows), "different": len(bad),
             "ok": not bad and bool(rows), "rows": rows, "ignored": ignored, "outs_differ": outs_differ,
             "worktree": str(wt) if keep else None}

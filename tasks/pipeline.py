@@ -1,4 +1,4 @@
-"""The retrain flow's tasks.
+"""The pipeline flows' tasks (flows/common.py).
 
 `stage_task` runs one registry stage through DVC (`dvc repro --single-item`): DVC alone decides whether it
 is up to date, so the tasks have no Prefect cache (NO_CACHE; a second cache would disagree with DVC's).
@@ -67,7 +67,7 @@ def stage_task(name: str, root: str, parent_run_id: str, experiment_id: str) -> 
     seconds = time.perf_counter() - t0
     result = _log_outputs(client, run_id, root_p, stage, cfg)
     client.log_artifact(run_id, str(log_path), "logs")
-    tags = {"dvc.status": status, "seconds": round(seconds, 2), "checkpoints_logged": len(logged)}
+    tags = {"dvc.status": status, "seconds": round(seconds, 2), "checkpoints_logged": len(logged), **result.pop("tags")}
     if watcher and watcher.missed:  # deleted by the stage before they could be linked (never seen so far)
         tags["checkpoints_missed"] = ",".join(watcher.missed)
     if result["final_md5"]:
@@ -83,13 +83,16 @@ OUT_ARTIFACTS = {".png": "plots", ".md": "reports"}  # cached outs that are also
 
 
 def _log_outputs(client, run_id: str, root: Path, stage, cfg) -> dict:
-    """Metrics (summary + step-wise), plots, config and data sets of a finished stage; its final/ hash."""
+    """Metrics (summary + step-wise), plots, config and data sets of a finished stage; its final/ hash. A metrics
+    file's text values (e.g. the ship stage's paths and sha256) become tags of the stage's run."""
     out = stage.out(cfg)
-    metrics = {}
+    metrics, tags = {}, {}
     for m in stage.metrics:
         p = root / resolve(m, cfg)
         if p.is_file():
-            metrics.update({k: v for k, v in json.loads(p.read_text()).items() if isinstance(v, (int, float))})
+            data = json.loads(p.read_text())
+            metrics.update({k: v for k, v in data.items() if isinstance(v, (int, float))})
+            tags.update({k: v for k, v in data.items() if isinstance(v, str)})
     tracking.log_metrics(client, run_id, metrics)
     tracking.log_step_metrics(client, run_id, root / out / "metrics.jsonl")
     files = [(resolve(p, cfg), "plots") for p, _ in stage.plots]
@@ -103,7 +106,7 @@ def _log_outputs(client, run_id: str, root: Path, stage, cfg) -> dict:
         path = resolve(d, cfg)
         tracking.log_jsonl_dataset(client, run_id, root, path, dvc.out_md5(root, stage.name, path), rev, stage.name)
     final = str(out / "final") if stage.generator and (root / out / "final").is_dir() else None
-    return {"metrics": metrics, "final": final,
+    return {"metrics": metrics, "final": final, "tags": tags,
             "final_md5": dvc.out_md5(root, stage.name, final) if final else "",
             "git_files": [resolve(m, cfg) for m in stage.metrics] + [resolve(p, cfg) for p, _ in stage.plots]}
 
@@ -133,7 +136,7 @@ def register_task(root: str, results: list[dict], eval_metrics: dict, model_name
 
 
 @task(name="finish", cache_policy=NO_CACHE)
-def finish_task(root: str, profile: str, parent_run_id: str, git_paths: list[str], tag_runs: bool,
+def finish_task(root: str, flow: str, profile: str, parent_run_id: str, git_paths: list[str], tag_runs: bool,
                 push: bool) -> dict:
     """Push the run's DVC outputs to the default remote, then commit dvc.lock, params.yaml and the metrics and
     plots files (DVC keeps those in git) and tag the commit `run/<date>-<shortid>` (the MLflow parent run id)."""
@@ -144,6 +147,7 @@ def finish_task(root: str, profile: str, parent_run_id: str, git_paths: list[str
     if tag_runs:
         tag = f"run/{dt.date.today():%Y%m%d}-{parent_run_id[:8]}"
         res["commit"] = dvc.commit_and_tag(root_p, ["dvc.lock", PARAMS_FILE, *git_paths], tag,
-                                           f"pipeline run {tag} (profile {profile}, MLflow run {parent_run_id})")
+                                           f"pipeline run {tag} (flow {flow}, profile {profile}, MLflow run "
+                                           f"{parent_run_id})")
         res["tag"] = tag
     return res

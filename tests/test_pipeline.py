@@ -1,9 +1,10 @@
-"""End to end on real parts: the `retrain` Prefect flow (Prefect test harness) on the ci profile, in a copy of
-this project in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflow store in it).
+"""End to end on real parts: both Prefect flows (Prefect test harness) on the ci profile, in a copy of this project
+in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflow store in it).
 
-One pipeline run is shared by the assertions. In it, pretrain is given 12 steps (checkpoints at 4, 8, 12) and
-its process is killed with SIGKILL once the first checkpoint exists: the Prefect task retries, the stage resumes
-from its checkpoint, and the run still completes."""
+First the `foundation` flow runs (pretrain, finetune, distill, ship into a temporary weights folder, never into
+src/clvr/weights); then one `retrain` flow run, on the shipped weights, is shared by most assertions. In it, sft
+is given 12 steps (checkpoints at 4, 8, 12) and its process is killed with SIGKILL once the first checkpoint
+exists: the Prefect task retries, the stage resumes from its checkpoint, and the run still completes."""
 
 import hashlib
 import json
@@ -20,14 +21,16 @@ import pytest
 import yaml
 
 from clvr.errors import ClvrError
-from clvr.stages import STAGES
+from clvr.registry import SHIPPED, model_digest
+from clvr.stages import flow_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_FILES = ("src/", "conf/", "flows/", "tasks/", "dvc.yaml", ".dvc/config", ".dvc/.gitignore", ".dvcignore",
                  ".gitignore", "pyproject.toml")
 MODEL = "clvr-world-generator"
-NAMES = [st.name for st in STAGES]
-LONGER_PRETRAIN = ["pretrain.steps=12", "pretrain.ckpt_every=4", "pretrain.eval_every=12", "pipeline.retry_delay_s=0"]
+NAMES = [st.name for st in flow_stages("retrain")]
+FOUNDATION = [st.name for st in flow_stages("foundation")]
+LONGER_SFT = ["sft.steps=12", "sft.ckpt_every=4", "sft.eval_every=12", "pipeline.retry_delay_s=0"]
 
 
 def copy_project(dest: Path) -> Path:
@@ -84,22 +87,40 @@ def harness():
 
 
 @pytest.fixture(scope="module")
-def run1(harness, tmp_path_factory):
-    from flows.retrain import retrain
-
+def project(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("project"))
-    first_commit = git(root, "rev-parse", "HEAD")
-    killer = kill_when(root / "runs" / "ci" / "pretrain" / "checkpoints" / "step-000004", "pretrain")
-    res = retrain(profile="ci", overrides=LONGER_PRETRAIN, root=str(root))
-    killer.join(1)
-    return root, first_commit, res
+    return root, git(root, "rev-parse", "HEAD")
 
 
 @pytest.fixture(scope="module")
-def mlflow_client(run1):
+def foundation_run(harness, project, tmp_path_factory):
+    """The foundation flow, shipping into a temporary folder outside the project."""
+    from flows.foundation import foundation
+
+    root, _ = project
+    weights = tmp_path_factory.mktemp("shipped") / "weights"
+    packaged = {name: model_digest(name) for name in SHIPPED}
+    res = foundation(profile="ci", overrides=[f"ship.root={weights}"], root=str(root))
+    assert {name: model_digest(name) for name in SHIPPED} == packaged  # this checkout's weights: untouched
+    return root, weights, res
+
+
+@pytest.fixture(scope="module")
+def run1(harness, project, foundation_run):
+    from flows.retrain import retrain
+
+    root, first_commit = project
+    killer = kill_when(root / "runs" / "ci" / "sft" / "checkpoints" / "step-000004", "sft")
+    res = retrain(profile="ci", overrides=LONGER_SFT, root=str(root))
+    killer.join(1)
+    return root, foundation_run[2]["commit"], res
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(harness, project):
     from tasks.tracking import make_client
 
-    return make_client(run1[0])
+    return make_client(project[0])
 
 
 def attempts(client, parent_id: str) -> list:
@@ -118,31 +139,57 @@ def evaluated(res: dict) -> dict:
     return next(r["metrics"] for r in res["stages"] if r["stage"] == "evaluate")
 
 
+def test_foundation_flow_runs_its_stages_and_ships_into_the_configured_root(foundation_run, mlflow_client):
+    root, weights, res = foundation_run
+    c = mlflow_client
+    assert res["flow"] == "foundation" and [(r["stage"], r["status"]) for r in res["stages"]] == [
+        (n, "ran") for n in FOUNDATION]
+    parent = c.get_run(res["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["flow"] == "foundation"
+    assert parent.data.tags["stages"] == ",".join(FOUNDATION) and res["registry"] is None  # nothing evaluated
+    runs = nested(c, parent.info.run_id)
+    assert set(runs) == set(FOUNDATION)
+    receipt = json.loads((root / "runs" / "ci" / "ship" / "metrics.json").read_text())
+    for name, stage in (("base", "finetune"), ("distilled", "distill")):
+        assert receipt[f"{name}_source"] == f"runs/ci/{stage}/final" and receipt[f"{name}_path"] == str(weights / name)
+        assert receipt[f"{name}_sha256"] == model_digest(str(weights / name))
+        assert runs["ship"].data.tags[f"{name}_sha256"] == receipt[f"{name}_sha256"]  # text values: tags
+        assert model_digest(str(root / "src" / "clvr" / "weights" / name)) == model_digest(name)  # the copy's: untouched
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert lock["distill"]["deps"][0]["path"] == "runs/ci/finetune/final"  # the teacher: the fine-tune
+    assert lock["finetune"]["deps"][0]["path"] == "runs/ci/pretrain/final"
+    assert yaml.safe_load(git(root, "show", f"{res['tag']}:params.yaml"))["pipeline"]["flow"] == "foundation"
+    assert "flow foundation" in git(root, "tag", "-l", "--format=%(contents)", res["tag"])
+
+
 def test_run_records_parent_and_stage_runs(run1, mlflow_client):
     root, first_commit, res = run1
     c = mlflow_client
     assert [(r["stage"], r["status"]) for r in res["stages"]] == [(n, "ran") for n in NAMES]
+    assert NAMES == ["synthesize", "sft", "evaluate"]  # from the released weights: no pretrain, no distill
     assert res["tracking_uri"] == f"sqlite:///{root}/mlflow.db"  # the project's default store
     exp = c.get_experiment_by_name("clvr")
     assert exp.artifact_location == (root / "mlartifacts" / "clvr").as_uri()
     parent = c.get_run(res["mlflow_run_id"])
     tags = parent.data.tags
     assert parent.info.status == "FINISHED" and tags["profile"] == "ci" and tags["git.sha"] == first_commit
+    assert tags["flow"] == "retrain" and res["flow"] == "retrain"
     assert tags["prefect.flow_run_id"] == res["flow_run_id"] and len(tags["prefect.flow_run_id"]) == 36
     assert tags["dvc.lock_sha256"] == hashlib.sha256((root / "dvc.lock").read_bytes()).hexdigest()
     assert tags["git.tag"] == res["tag"]
-    assert "evaluate/distill_geneval_overall" in parent.data.metrics
-    runs = nested(c, parent.info.run_id)  # the finished attempt of each stage (pretrain had two)
+    assert {"evaluate/distilled_geneval_overall", "evaluate/sft_geneval_overall"} <= set(parent.data.metrics)
+    runs = nested(c, parent.info.run_id)  # the finished attempt of each stage (sft had two)
     assert set(runs) == set(NAMES)
     for name, r in runs.items():
         assert r.info.status == "FINISHED" and r.data.tags["dvc.status"] == "ran", name
-        assert r.data.params["pretrain.steps"] == "12" and r.data.params["profile"] == "ci"
-    pre = runs["pretrain"]
-    assert pre.data.metrics["train_loss"] == pytest.approx(res["stages"][0]["metrics"]["train_loss"])
-    history = c.get_metric_history(pre.info.run_id, "train/loss")
+        assert r.data.params["sft.steps"] == "12" and r.data.params["profile"] == "ci"
+        assert r.data.params["pipeline.flow"] == "retrain" and r.data.params["sft.init"] == "base"
+    sft = runs["sft"]
+    assert sft.data.metrics["train_loss"] == pytest.approx(res["stages"][1]["metrics"]["train_loss"])
+    history = c.get_metric_history(sft.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 13))
-    ev = runs["evaluate"]
-    assert {"distill_geneval_overall", "pretrain_geneval_counting"} <= set(ev.data.metrics)
+    ev = runs["evaluate"]  # the released models and the SFT model
+    assert {"base_geneval_overall", "distilled_geneval_counting", "sft_geneval_overall"} <= set(ev.data.metrics)
     assert {"probe_loop_auc", "probe_single_auc", "probe_i_eff"} <= set(ev.data.metrics)
     assert {"plots/geneval.png", "plots/samples.png", "plots/geneval.json", "plots/probe.png", "plots/filmstrip.png"} <= {
         f.path for f in c.list_artifacts(ev.info.run_id, "plots")}
@@ -155,26 +202,28 @@ def test_run_records_parent_and_stage_runs(run1, mlflow_client):
 
 def test_killed_stage_is_retried_and_resumes_with_nothing_lost(run1, mlflow_client):
     root, _, res = run1
-    out = root / "runs" / "ci" / "pretrain"
-    pre = [r for r in attempts(mlflow_client, res["mlflow_run_id"]) if r.data.tags["stage"] == "pretrain"]
-    assert [(r.data.tags["attempt"], r.info.status) for r in pre] == [("1", "FAILED"), ("2", "FINISHED")]
-    assert "failed" in pre[0].data.tags["error"]
+    out = root / "runs" / "ci" / "sft"
+    sft = [r for r in attempts(mlflow_client, res["mlflow_run_id"]) if r.data.tags["stage"] == "sft"]
+    assert [(r.data.tags["attempt"], r.info.status) for r in sft] == [("1", "FAILED"), ("2", "FINISHED")]
+    assert "failed" in sft[0].data.tags["error"]
     log = (out / "stage.log").read_text().split("(attempt 2")[-1]
     assert "resuming from checkpoints/step-0000" in log
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["split"] == "train"]
     assert steps == list(range(1, 13))  # nothing lost, nothing twice
-    logged = [f.path for r in pre for f in mlflow_client.list_artifacts(r.info.run_id, "checkpoints")]
+    logged = [f.path for r in sft for f in mlflow_client.list_artifacts(r.info.run_id, "checkpoints")]
     assert sorted(logged) == ["checkpoints/step-000004", "checkpoints/step-000008", "checkpoints/step-000012"]
 
 
-def test_every_checkpoint_is_an_artifact(run1, mlflow_client):
-    root, _, res = run1
-    dist = nested(mlflow_client, res["mlflow_run_id"])["distill"].info.run_id
-    assert {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints")} == {
-        "checkpoints/step-000002", "checkpoints/step-000004"}
-    files = {f.path for f in mlflow_client.list_artifacts(dist, "checkpoints/step-000002")}
-    assert {"checkpoints/step-000002/state.json", "checkpoints/step-000002/model", "checkpoints/step-000002/ds"} <= files
+def test_every_checkpoint_is_an_artifact(foundation_run, mlflow_client):
+    root, _, res = foundation_run
+    for stage in ("distill", "finetune"):
+        run = nested(mlflow_client, res["mlflow_run_id"])[stage].info.run_id
+        assert {f.path for f in mlflow_client.list_artifacts(run, "checkpoints")} == {
+            "checkpoints/step-000002", "checkpoints/step-000004"}
+        files = {f.path for f in mlflow_client.list_artifacts(run, "checkpoints/step-000002")}
+        assert {"checkpoints/step-000002/state.json", "checkpoints/step-000002/model",
+                "checkpoints/step-000002/ds"} <= files
 
 
 def test_eval_suite_is_a_dataset_with_its_dvc_digest(run1, mlflow_client):
@@ -191,25 +240,22 @@ def test_generators_registered_with_champion_alias(run1, mlflow_client):
     root, _, res = run1
     c = mlflow_client
     versions = {v.tags["stage"]: v for v in c.search_model_versions(f"name = '{MODEL}'")}
-    assert set(versions) == {"pretrain", "distill", "sft"}
+    assert set(versions) == {"sft"}  # the retrain flow's one trained generator, scored by evaluate
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    for stage, v in versions.items():
-        assert v.tags["dvc_md5"] == next(o["md5"] for o in lock[stage]["outs"] if o["path"].endswith("/final"))
-        if stage == "sft":  # registered unscored: the evaluate stage runs before it
-            assert "score" not in v.tags
-        else:
-            assert float(v.tags["score"]) == evaluated(res)[f"{stage}_geneval_overall"]
+    v = versions["sft"]
+    assert v.tags["dvc_md5"] == next(o["md5"] for o in lock["sft"]["outs"] if o["path"].endswith("/final"))
+    assert float(v.tags["score"]) == evaluated(res)["sft_geneval_overall"]
     champion = c.get_model_version_by_alias(MODEL, "champion")
-    assert champion.version == res["registry"]["champion"]
-    assert float(champion.tags["score"]) == max(float(v.tags["score"]) for v in versions.values() if "score" in v.tags)
+    assert champion.version == res["registry"]["champion"] == v.version
 
 
 def test_dvc_lock_tag_and_remote(run1):
     root, first_commit, res = run1
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
-    assert list(lock) == NAMES
-    assert lock["distill"]["deps"][0]["path"] == "runs/ci/pretrain/final"
-    assert lock["pretrain"]["params"]["params.yaml"]["pretrain"]["steps"] == 12
+    assert set(lock) == {*FOUNDATION, *NAMES}  # one dvc.lock: both flows' stages
+    assert lock["evaluate"]["deps"][0]["path"] == "runs/ci/sft/final"
+    assert lock["sft"]["params"]["params.yaml"]["sft"]["steps"] == 12
+    assert any(d["path"] == "src/clvr/weights" for d in lock["synthesize"]["deps"])  # the released weights
     assert res["tag"].startswith("run/") and res["tag"] in git(root, "tag", "--list", "run/*").split()
     assert git(root, "rev-parse", f"{res['tag']}^{{commit}}") == res["commit"] != first_commit
     assert git(root, "show", f"{res['tag']}:dvc.lock") == (root / "dvc.lock").read_text().strip()
@@ -222,15 +268,15 @@ def test_second_run_skips_up_to_date_stages(run1, mlflow_client):
     from flows.retrain import retrain
 
     root, _, res1 = run1
-    res2 = retrain(profile="ci", overrides=LONGER_PRETRAIN, root=str(root))
+    res2 = retrain(profile="ci", overrides=LONGER_SFT, root=str(root))
     assert [r["status"] for r in res2["stages"]] == ["skipped"] * len(NAMES)
     assert res2["mlflow_run_id"] != res1["mlflow_run_id"] and res2["tag"] != res1["tag"]
     assert res2["lock_sha256"] == res1["lock_sha256"] and res2["commit"] == res1["commit"]
     assert res2["registry"]["champion"] == res1["registry"]["champion"]  # no new version for the same model
-    assert len(mlflow_client.search_model_versions(f"name = '{MODEL}'")) == 3  # pretrain, distill, sft
+    assert len(mlflow_client.search_model_versions(f"name = '{MODEL}'")) == 1
     runs = nested(mlflow_client, res2["mlflow_run_id"])
     assert all(r.data.tags["dvc.status"] == "skipped" for r in runs.values())
-    assert mlflow_client.list_artifacts(runs["pretrain"].info.run_id, "checkpoints") == []
+    assert mlflow_client.list_artifacts(runs["sft"].info.run_id, "checkpoints") == []
 
 
 def test_cli_run_shows_progress_and_where_to_look(run1):
@@ -240,19 +286,22 @@ def test_cli_run_shows_progress_and_where_to_look(run1):
     root = run1[0]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env["PREFECT_API_URL"] = PREFECT_API_URL.value()
-    args = ["pipeline", "run", "--profile", "ci", "--stage", "pretrain"]
-    args += [a for o in LONGER_PRETRAIN for a in ("--set", o)]
+    args = ["pipeline", "run", "--profile", "ci", "--stage", "sft"]
+    args += [a for o in LONGER_SFT for a in ("--set", o)]
     p = subprocess.run([sys.executable, "-m", "clvr", *args], cwd=root, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "pretrain" in p.stderr and "skipped" in p.stderr  # the rich progress rows
+    assert "sft" in p.stderr and "skipped" in p.stderr  # the rich progress rows
     last = p.stdout.strip().splitlines()
-    assert json.loads(last[-4])["stages"]["pretrain"]["status"] == "skipped"
+    summary = json.loads(last[-4])
+    assert summary["flow"] == "retrain" and summary["stages"]["sft"]["status"] == "skipped"
     assert last[-3].startswith("MLflow:  mlflow ui --backend-store-uri sqlite:///mlflow.db")
     assert last[-2].startswith("tag:     run/") and "clvr reproduce run/" in last[-2]
-    assert last[-1].startswith("reports: runs/ci/pretrain/metrics.json")
+    assert last[-1].startswith("reports: runs/ci/sft/metrics.json")
 
 
 def test_reproduce_from_tag_gives_identical_metrics(run1):
+    """The retrain tag's dvc.lock also records the foundation stages (both flows ran here): only the retrain
+    stages are rerun."""
     root, _, res = run1
     p = clvr(root, "reproduce", res["tag"], "--keep")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -260,10 +309,12 @@ def test_reproduce_from_tag_gives_identical_metrics(run1):
     wt = Path(summary["worktree"])
     try:
         assert summary["ok"] and summary["different"] == 0 and summary["compared"] >= 40
-        assert "reproduced:" in p.stdout
-        # Every cached output is bit-identical, the killed-and-resumed pretrain's final/ included.
+        assert summary["flow"] == "retrain" and "reproduced:" in p.stdout
+        rerun = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.strip().startswith("Running stage")]
+        assert sorted(rerun) == sorted(NAMES), p.stdout[-3000:]
+        # Every cached output is bit-identical, the killed-and-resumed sft's final/ included.
         assert summary["outs_differ"] == []
-        weights = sorted(p.relative_to(root) for p in (root / "runs/ci/pretrain/final").rglob("*.safetensors"))
+        weights = sorted(p.relative_to(root) for p in (root / "runs/ci/sft/final").rglob("*.safetensors"))
         assert weights and all((root / w).read_bytes() == (wt / w).read_bytes() for w in weights)
     finally:
         git(root, "worktree", "remove", "--force", str(wt))
@@ -272,6 +323,7 @@ def test_reproduce_from_tag_gives_identical_metrics(run1):
 
 
 def test_bad_input_is_a_clear_error(run1):
+    from flows.foundation import foundation
     from flows.reproduce import reproduce
     from flows.retrain import retrain
 
@@ -280,9 +332,16 @@ def test_bad_input_is_a_clear_error(run1):
         retrain(profile="nope", root=str(root))
     with pytest.raises(ClvrError, match="unknown stage 'pprl'"):
         retrain(profile="ci", root=str(root), stages=["pprl"])
+    with pytest.raises(ClvrError, match="stage 'sft' is in the retrain flow, not in foundation"):
+        foundation(profile="ci", root=str(root), stages=["sft"])
+    with pytest.raises(ClvrError, match="pipeline.flow is the flow being run"):
+        retrain(profile="ci", root=str(root), overrides=["pipeline.flow=foundation"])
     with pytest.raises(ClvrError, match=r"unknown tag 'run/19990101-deadbeef' \(run tags: run/"):
         reproduce(root, "run/19990101-deadbeef")
     for args, needle in ((["pipeline", "run", "--profile", "nope"], "unknown profile 'nope'"),
-                         (["pipeline", "run", "--stage", "pprl"], "unknown stage 'pprl'")):
+                         (["pipeline", "run", "--stage", "pprl"], "unknown stage 'pprl'"),
+                         (["pipeline", "run", "--stage", "pretrain"], "stage 'pretrain' is in the foundation flow"),
+                         (["pipeline", "run", "--flow", "nope"], "unknown flow 'nope' (known: foundation, retrain)")):
         p = clvr(root, *args)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -1,5 +1,6 @@
 """Model resolution lives in one place (clvr.registry): the shipped names, the oracle names, the weights folder, the
-pipeline's default base; every stage and backend reads it from there."""
+released models the retrain flow starts from, the ship target, the distill stage's default teacher; every stage and
+backend reads it from there."""
 
 from __future__ import annotations
 
@@ -28,12 +29,29 @@ def test_shipped_names_resolve_to_the_packaged_weights_and_anything_else_is_a_pa
     assert registry.model_path(tmp_path) == tmp_path and not registry.is_checkpoint(tmp_path)
 
 
-def test_default_base_is_the_trained_base_once_pretrain_made_it(tmp_path):
-    assert registry.default_base(tmp_path) == "base"
-    (tmp_path / "final").mkdir()
-    assert registry.default_base(tmp_path) == "base"  # a folder without model_index.json is no checkpoint
-    (tmp_path / "final" / registry.INDEX).write_text("{}")
-    assert registry.default_base(tmp_path) == str(tmp_path / "final")
+def fake_checkpoint(out: Path) -> None:
+    (out / "final").mkdir(parents=True)
+    (out / "final" / registry.INDEX).write_text("{}")
+
+
+def test_default_teacher_is_the_finetune_then_the_pretrain_then_the_shipped_base(tmp_path):
+    ft, pre = tmp_path / "finetune", tmp_path / "pretrain"
+    assert registry.default_teacher(ft, pre) == "base"
+    (pre / "final").mkdir(parents=True)
+    assert registry.default_teacher(ft, pre) == "base"  # a folder without model_index.json is no checkpoint
+    (pre / "final" / registry.INDEX).write_text("{}")
+    assert registry.default_teacher(ft, pre) == str(pre / "final")
+    fake_checkpoint(ft)
+    assert registry.default_teacher(ft, pre) == str(ft / "final")
+
+
+def test_released_models_and_the_ship_root(tmp_path):
+    assert registry.released("base", "distilled") == {"base": "base", "distilled": "distilled"}
+    fake_checkpoint(tmp_path)
+    assert registry.released(str(tmp_path / "final"), "base")["base"] == str(tmp_path / "final")
+    with pytest.raises(CheckpointError, match=r"^weights.distilled: no generator checkpoint at '/no/such'"):
+        registry.released("base", "/no/such")
+    assert registry.ship_root("") == registry.WEIGHTS_DIR and registry.ship_root(str(tmp_path)) == tmp_path
 
 
 def test_stages_resolve_through_the_registry(tmp_path):
@@ -42,11 +60,14 @@ def test_stages_resolve_through_the_registry(tmp_path):
     from clvr.train.distill import teacher_path
 
     assert backend.SHIPPED is registry.SHIPPED and backend.WEIGHTS_DIR is registry.WEIGHTS_DIR
-    cfg = load_config("ci", [f"pretrain.out={tmp_path}", f"synthesize.out={tmp_path / 's'}"])
-    assert synthesize.resolve_model(cfg) == teacher_path(cfg) == "base"
-    (tmp_path / "final").mkdir()
-    (tmp_path / "final" / registry.INDEX).write_text("{}")
-    assert synthesize.resolve_model(cfg) == teacher_path(cfg) == str(tmp_path / "final")
+    cfg = load_config("ci", [f"pretrain.out={tmp_path}", f"finetune.out={tmp_path / 'ft'}",
+                             f"synthesize.out={tmp_path / 's'}"])
+    assert synthesize.resolve_model(cfg) == teacher_path(cfg) == cfg.sft.init == "base"
+    fake_checkpoint(tmp_path)
+    assert teacher_path(cfg) == str(tmp_path / "final")
+    assert synthesize.resolve_model(cfg) == "base"  # the retrain flow starts from the released base, not a pretrain
+    pinned = load_config("ci", [f"weights.base={tmp_path / 'final'}"])  # one key pins the base of every retrain stage
+    assert synthesize.resolve_model(pinned) == pinned.sft.init == str(tmp_path / "final")
     oracle = load_config("ci", ["synthesize.generator=noisy-oracle", "synthesize.model=/no/such"])
     assert synthesize.resolve_model(oracle) == "noisy-oracle"  # an oracle needs no model
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from clvr.errors import ClvrError
-from clvr.stages import stage_names
+from clvr.stages import flow_stages
 from test_pipeline import ROOT, copy_project
 
 DEPLOYMENT = "sched-test"
@@ -173,7 +173,11 @@ def test_pipeline_lock_turns_a_second_run_away(tmp_path):
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
     res = retrain.fn(profile="ci", root=str(root), dry_run=True)
-    assert res["dry_run"] and res["stages"] == stage_names()
+    assert res["dry_run"] and res["stages"] == [s.name for s in flow_stages("retrain")] == ["synthesize", "sft", "evaluate"]
+    from flows.foundation import foundation
+
+    res = foundation.fn(profile="ci", root=str(root), dry_run=True)
+    assert res["flow"] == "foundation" and res["stages"] == ["pretrain", "finetune", "distill", "ship"]
 
 
 def test_lock_outlives_a_killed_flow_while_its_stage_command_runs(tmp_path):

@@ -43,7 +43,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def ci(tmp_path, init, *extra):
-    return load_config("ci", [f"sft.init={init}", f"sft.out={tmp_path}/sft", *extra])
+    return load_config("ci", [f"sft.init={init}", f"sft.out={tmp_path}/sft", "sft.data=", *extra])
 
 
 def weights(pipe: WorldPipeline) -> dict[str, torch.Tensor]:

@@ -17,25 +17,31 @@ import pytest
 import yaml
 from PIL import Image
 
-from clvr.config import Config, load_config
-from clvr.errors import ClvrError, ConfigError
-from clvr.stages import STAGES, dvc_yaml, get_stage, prepare_resume, resolve, run_stage
+from clvr.config import FLOWS, Config, load_config
+from clvr.errors import CheckpointError, ClvrError, ConfigError
+from clvr.stages import STAGES, dvc_yaml, flow_stages, get_stage, prepare_resume, resolve, run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CLVR = [sys.executable, "-m", "clvr"]
 
 
 def ci_cfg(tmp: Path, *overrides: str) -> Config:
-    return load_config("ci", [f"pretrain.out={tmp}/pretrain", f"distill.out={tmp}/distill", f"eval.out={tmp}/eval",
-                              *overrides])
+    return load_config("ci", [f"pretrain.out={tmp}/pretrain", f"finetune.out={tmp}/finetune",
+                              f"distill.out={tmp}/distill", f"ship.out={tmp}/ship", f"ship.root={tmp}/weights",
+                              f"sft.out={tmp}/sft", f"eval.out={tmp}/eval", *overrides])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The real pretrain + distill stages on the ci profile, run in this process."""
+    """The real foundation stages (pretrain, finetune, distill, ship) on the ci profile, run in this process; ship
+    installs into tmp/weights, never into the packaged weights."""
+    from clvr.registry import SHIPPED, model_digest
+
     tmp = tmp_path_factory.mktemp("stages")
     cfg = ci_cfg(tmp)
-    res = {name: run_stage(name, cfg) for name in ("pretrain", "distill")}
+    packaged = {name: model_digest(name) for name in SHIPPED}
+    res = {s.name: run_stage(s.name, cfg) for s in flow_stages("foundation")}
+    assert {name: model_digest(name) for name in SHIPPED} == packaged
     return tmp, cfg, res
 
 
@@ -47,20 +53,42 @@ def test_committed_dvc_yaml_matches_the_registry():
 
 def test_registry_is_consistent():
     names = [s.name for s in STAGES]
-    assert len(set(names)) == len(names) and names[:3] == ["pretrain", "distill", "evaluate"]
+    assert len(set(names)) == len(names)
     sections = {f.name for f in fields(Config)}
     cfg = load_config("ci")
     for s in STAGES:
         assert callable(s.function()), s.func
-        assert s.section in sections
+        assert s.section in sections and s.flow in FLOWS
         for key in s.params:  # a whole section or one key of it
             section, _, sub = key.partition(".")
             assert section in sections and (not sub or hasattr(getattr(cfg, section), sub)), key
-        for dep in s.deps:  # code deps exist; config-named deps are earlier stages' outs
+        for dep in s.deps:  # code deps exist; config-named deps are outs of earlier stages of the same flow
             if "{" in dep:
-                assert any(resolve(dep, cfg) in [resolve(o, cfg) for o in t.outs] for t in STAGES[:STAGES.index(s)])
+                earlier = [t for t in STAGES[:STAGES.index(s)] if t.flow == s.flow]
+                assert any(resolve(dep, cfg) in [resolve(o, cfg) for o in t.outs] for t in earlier), (s.name, dep)
             else:
                 assert (ROOT / dep).exists(), dep
+
+
+def test_two_flows_over_one_registry():
+    """The foundation flow makes the released weights and lists no dependency on them; the retrain flow starts
+    from them and has no pretrain or distill stage."""
+    assert [s.name for s in flow_stages("foundation")] == ["pretrain", "finetune", "distill", "ship"]
+    assert [s.name for s in flow_stages("retrain")] == ["synthesize", "sft", "evaluate"]
+    assert sorted(s.name for f in FLOWS for s in flow_stages(f)) == sorted(s.name for s in STAGES)
+    for s in STAGES:
+        assert ("src/clvr/weights" in s.deps) == (s.flow == "retrain"), s.name
+    assert get_stage("ship").outs == () and "weights" in get_stage("evaluate").params
+    assert [s.name for s in flow_stages("retrain", ["evaluate", "sft"])] == ["sft", "evaluate"]  # registry order
+
+
+def test_unknown_flow_or_a_stage_of_the_other_flow_is_a_clear_error():
+    with pytest.raises(ClvrError, match=r"^unknown flow 'nope' \(known: foundation, retrain\)$"):
+        flow_stages("nope")
+    with pytest.raises(ClvrError, match="stage 'pretrain' is in the foundation flow, not in retrain"):
+        flow_stages("retrain", ["pretrain"])
+    p = subprocess.run(CLVR + ["pipeline", "run", "--flow", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip() == "error: unknown flow 'nope' (known: foundation, retrain)", p.stderr
 
 
 def covered(path: str, deps: tuple[str, ...]) -> bool:
@@ -96,7 +124,11 @@ def test_code_deps_follow_lazy_imports_and_leave_out_unrelated_stages():
 def test_dvc_yaml_uses_params_interpolation():
     stages = yaml.safe_load(dvc_yaml())["stages"]
     assert stages["pretrain"]["outs"] == ["${pretrain.out}/final"]
-    assert stages["distill"]["deps"][0] == "${pretrain.out}/final"
+    assert stages["finetune"]["deps"][0] == "${pretrain.out}/final"
+    assert stages["distill"]["deps"][0] == "${finetune.out}/final"  # the teacher: the fine-tune's final
+    assert "outs" not in stages["ship"] and stages["ship"]["deps"][:2] == ["${finetune.out}/final",
+                                                                          "${distill.out}/final"]
+    assert stages["evaluate"]["deps"][0] == "${sft.out}/final"
     assert stages["evaluate"]["metrics"] == [{"${eval.out}/metrics.json": {"cache": False}}]
     assert stages["pretrain"]["cmd"] == "clvr stage pretrain --params params.yaml"
 
@@ -106,7 +138,7 @@ def test_resolve_names_config_values(tmp_path):
 
 
 def test_unknown_stage_is_a_clear_error():
-    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: pretrain, distill, evaluate"):
+    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: pretrain, finetune, distill, ship, synthesize"):
         get_stage("pprl")
 
 
@@ -141,7 +173,7 @@ def test_dvc_yaml_check(tmp_path):
 
 def test_stage_contract(trained):
     tmp, cfg, res = trained
-    for name in ("pretrain", "distill"):
+    for name in ("pretrain", "finetune", "distill"):
         out = tmp / name
         assert res[name]["final"] == str(out / "final") and (out / "final" / "model_index.json").is_file()
         assert json.loads((out / "metrics.json").read_text()) == pytest.approx(res[name]["metrics"])
@@ -185,31 +217,68 @@ def test_other_config_starts_fresh(trained, tmp_path):
     assert "another config" in messages[-1] and not (tmp_path / "pretrain" / "metrics.jsonl").exists()
 
 
-def test_evaluate_stage(trained):
+def test_finetune_and_distill_start_where_the_foundation_recipe_says(trained):
+    from clvr.train.distill import teacher_path
+    from clvr.io import MARKER
+    from clvr.train.finetune import init_model
+
     tmp, cfg, _ = trained
+    assert init_model(cfg) == str(tmp / "pretrain" / "final")  # finetune.init "" = <pretrain.out>/final
+    assert teacher_path(cfg) == str(tmp / "finetune" / "final")  # distill.teacher "" = <finetune.out>/final
+    with pytest.raises(CheckpointError, match=r"^finetune.init: no generator checkpoint at '/no/such'"):
+        init_model(ci_cfg(tmp, "finetune.init=/no/such"))
+    assert (tmp / "finetune" / MARKER).read_text().strip() == "world finetune"  # its own run folder, its own name
+
+
+def test_ship_installs_the_finetune_and_the_student_into_its_root(trained):
+    from clvr.models.backend import load_pipeline
+    from clvr.registry import model_digest
+
+    tmp, cfg, res = trained
+    receipt = json.loads((tmp / "ship" / "metrics.json").read_text())
+    assert res["ship"]["metrics"] == receipt and res["ship"]["final"] is None
+    for name, stage in (("base", "finetune"), ("distilled", "distill")):
+        dest = tmp / "weights" / name
+        assert receipt[f"{name}_source"] == str(tmp / stage / "final") and receipt[f"{name}_path"] == str(dest)
+        assert receipt[f"{name}_sha256"] == model_digest(str(dest))
+        shipped, trained_sd = (load_pipeline(p).transformer.state_dict() for p in (dest, tmp / stage / "final"))
+        assert all(shipped[k].equal(v) for k, v in trained_sd.items())
+
+
+def test_evaluate_stage(trained):
+    """The retrain flow's sft and evaluate stages on pinned released weights (the ci foundation's, in tmp)."""
+    from clvr.synthesize import resolve_model
+
+    tmp, _, _ = trained
+    cfg = ci_cfg(tmp, f"weights.base={tmp}/weights/base", f"weights.distilled={tmp}/weights/distilled")
+    assert cfg.sft.init == resolve_model(cfg) == f"{tmp}/weights/base"  # one key pins the base
+    run_stage("sft", cfg)
     res = run_stage("evaluate", cfg)
     m = res["metrics"]
     assert res["final"] is None
-    for stage in ("pretrain", "distill"):
-        tags = [k for k in m if k.startswith(f"{stage}_geneval_") and k != f"{stage}_geneval_overall"]
-        assert len(tags) == 6 and 0.0 <= m[f"{stage}_geneval_overall"] <= 1.0
-        assert m[f"{stage}_geneval_overall"] == pytest.approx(sum(m[t] for t in tags) / 6, abs=1e-3)
+    for model in ("base", "distilled", "sft"):
+        tags = [k for k in m if k.startswith(f"{model}_geneval_") and k != f"{model}_geneval_overall"]
+        assert len(tags) == 6 and 0.0 <= m[f"{model}_geneval_overall"] <= 1.0
+        assert m[f"{model}_geneval_overall"] == pytest.approx(sum(m[t] for t in tags) / 6, abs=1e-3)
     prompts = (tmp / "eval" / "prompts.jsonl").read_text().splitlines()
     assert len(prompts) == 6 * cfg.eval.geneval_n and "include" in json.loads(prompts[0])
     rows = json.loads((tmp / "eval" / "geneval.json").read_text())
-    assert {r["group"] for r in rows} >= {"distill/overall", "pretrain/counting"}
+    assert {r["group"] for r in rows} >= {"distilled/overall", "base/counting", "sft/overall"}
     for png in ("geneval.png", "samples.png", "probe.png", "filmstrip.png"):
         assert (tmp / "eval" / png).read_bytes()[:4] == b"\x89PNG"
-    probe = json.loads((tmp / "eval" / "probe.json").read_text())  # the probe ran on the last generator
-    assert probe["n_per_tier"] == cfg.eval.probe_n_per_tier and probe["generator"].endswith("distill/final")
+    probe = json.loads((tmp / "eval" / "probe.json").read_text())  # the probe ran on the released distilled model
+    assert probe["n_per_tier"] == cfg.eval.probe_n_per_tier and probe["generator"].endswith("weights/distilled")
     assert m["probe_loop_auc"] == probe["loop"]["auc"] and m["probe_single_tier10"] == probe["single"]["per_tier"]["10"]
     assert m["probe_i_eff"] == probe["loop"]["i_eff"] == probe["single"]["i_eff"] > 0
     assert json.loads((tmp / "eval" / "metrics.json").read_text()) == pytest.approx(m)
 
 
-def test_evaluate_without_models_is_a_clear_error(tmp_path):
-    with pytest.raises(ClvrError, match="nothing to evaluate"):
-        run_stage("evaluate", ci_cfg(tmp_path))
+def test_evaluate_with_a_missing_released_model_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match=r"^weights.distilled: no generator checkpoint at '/no/such'"):
+        run_stage("evaluate", ci_cfg(tmp_path, "weights.distilled=/no/such"))
+    assert not (tmp_path / "eval" / "prompts.jsonl").exists()  # checked before any work
+    with pytest.raises(ConfigError, match="weights.base must be base | distilled | a checkpoint folder"):
+        ci_cfg(tmp_path, "weights.base=oracle")
 
 
 @pytest.mark.parametrize("override, key", [("eval.probe_n_per_tier=0", "eval.probe_n_per_tier"),

@@ -177,6 +177,23 @@ class PretrainCfg(DataMixCfg):
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
 
 
+@dataclass
+class FinetuneCfg(PretrainCfg):
+    """The foundation flow's move-heavy fine-tune (`finetune` stage): the pretrain trainer on this section, from
+    `init` ("" = `<pretrain.out>/final`). Defaults: the fine-tune that made the shipped base (`make weights`)."""
+
+    out: str = "runs/finetune"
+    init: str = ""  # "" = <pretrain.out>/final; "base" = the shipped base weights, or a checkpoint folder
+    steps: int = 1200
+    lr: float = 3e-4
+    warmup: int = 50
+    edit_frac: float = 0.8
+    op_probs: list[float] = field(default_factory=lambda: [0.25, 0.15, 0.15, 0.45])  # move-heavy
+    eval_every: int = 1200
+    ckpt_every: int = 200
+    seed: int = 1
+
+
 ZERO_STAGES = (0, 1, 2, 3)
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -234,7 +251,7 @@ DISTILL_METHODS = ("guidance", "progressive")
 @dataclass
 class DistillCfg(DataMixCfg):
     out: str = "runs/distill"
-    teacher: str = ""  # "" = <pretrain.out>/final if present, else the shipped base; or a checkpoint folder
+    teacher: str = ""  # "" = <finetune.out>/final, else <pretrain.out>/final if present, else the shipped base; or a folder
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
@@ -275,7 +292,7 @@ class SftCfg(DataMixCfg):
     the `DataMixCfg` keys)."""
 
     out: str = "runs/sft"
-    init: str = "base"  # the generator fine-tuned: base | distilled | a checkpoint folder
+    init: str = "base"  # the generator fine-tuned: base | distilled | a checkpoint folder (conf/base.yaml: ${weights.base})
     mode: str = "full"  # full: every weight; lora: a peft LoRA on the transformer's attention + MLP projections
     lora_rank: int = 16
     lora_alpha: float = 16.0
@@ -428,7 +445,7 @@ class SynthesizeCfg:
 
     out: str = "runs/synthesize"
     generator: str = "world"  # generator registry key (clvr.generator)
-    model: str = ""  # "" = <pretrain.out>/final (the base) if present, else the shipped base; base | distilled | folder | oracle | noisy-oracle
+    model: str = ""  # "" = weights.base (the released base); base | distilled | folder | oracle | noisy-oracle
     steps: int = 0  # sampling steps per generator call (0 = the model's recorded default: base 28, distilled 4)
     guidance: float = -1.0  # CFG scale (< 0 = the model's recorded default: base 2.0; <= 1 = no CFG)
     n_per_tier: int = 220  # prompts per tier (trajectories attempted)
@@ -456,10 +473,46 @@ class SynthesizeCfg:
 
 
 @dataclass
-class PipelineCfg:
-    """`clvr pipeline run` (flows/retrain.py): what happens around the stages. Stage settings stay in their
-    own sections; this one is not a DVC param, so changing it never reruns a stage."""
+class WeightsCfg:
+    """The released generators the retrain flow starts from, as CLVR starts from FLUX.2 [klein]: "base" |
+    "distilled" (the packaged weights, src/clvr/weights) or a checkpoint folder, resolved by clvr.registry.
+    `synthesize.model` "" means `base`, and conf/base.yaml sets `sft.init` to `${weights.base}` (OmegaConf
+    interpolation), so one key pins the base every retrain stage uses."""
 
+    base: str = "base"
+    distilled: str = "distilled"
+
+    def check(self, name: str) -> None:
+        from clvr.registry import ORACLES
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            need(nonempty(value) and value not in ORACLES, f"{name}.{f.name}",
+                 "base | distilled | a checkpoint folder (not an oracle: it has no weights)", value)
+
+
+@dataclass
+class ShipCfg:
+    """The foundation flow's `ship` stage (clvr.ship): installs `<finetune.out>/final` as the base and
+    `<distill.out>/final` as the distilled weights in `root` ("" = the packaged weights, src/clvr/weights), and
+    writes what it shipped (paths, sha256) to `<out>/metrics.json`."""
+
+    out: str = "runs/ship"
+    root: str = ""
+
+    def check(self, name: str) -> None:
+        need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+
+
+FLOWS = ("foundation", "retrain")  # the pipeline's flows; clvr.stages gives each stage one of them
+
+
+@dataclass
+class PipelineCfg:
+    """`clvr pipeline run` (flows/): what happens around the stages. Stage settings stay in their own sections;
+    this one is not a DVC param, so changing it never reruns a stage."""
+
+    flow: str = "retrain"  # the flow a run ran (set by `clvr pipeline run --flow`; `clvr reproduce` reads it)
     experiment: str = "clvr"  # MLflow experiment
     tag_runs: bool = True  # commit dvc.lock + params.yaml + metrics and tag the commit run/<date>-<shortid>
     push: bool = True  # `dvc push` the run's outputs to the default DVC remote
@@ -472,6 +525,7 @@ class PipelineCfg:
                                                                  "*seconds*", "*s_per_prompt*"])
 
     def check(self, name: str) -> None:
+        need(self.flow in FLOWS, f"{name}.flow", f"one of {list(FLOWS)}", self.flow)
         need_all(self, name, "experiment register_model champion_metric", nonempty, "a non-empty name")
         need(self.retries >= 0, f"{name}.retries", ">= 0", self.retries)
         need_all(self, name, "retry_delay_s reproduce_tol", at_least(0), ">= 0")
@@ -484,7 +538,10 @@ class Config:
     world: WorldCfg = field(default_factory=WorldCfg)
     generator: GeneratorCfg = field(default_factory=GeneratorCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    weights: WeightsCfg = field(default_factory=WeightsCfg)
+    ship: ShipCfg = field(default_factory=ShipCfg)
     sft: SftCfg = field(default_factory=SftCfg)
     engine: EngineCfg = field(default_factory=EngineCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)

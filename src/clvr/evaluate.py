@@ -1,14 +1,15 @@
-"""The `evaluate` pipeline stage: every generator the earlier stages trained (their `final/` folders), on the six
-GenEval suites in world vocabulary, single step (one text-to-image call per prompt), judged by the
-GenEval-format judge against each prompt's own metadata; then the semantic-complexity probe (single step vs
-the closed loop over the 10 tiers: pass rate per tier, AUC, I_eff) on the last generator, the one the loop
-runs (the 4-NFE distilled model when the distill stage ran).
+"""The `evaluate` pipeline stage (retrain flow, last): the released base and distilled generators (`weights.base`,
+`weights.distilled`: the shipped ones or registry-pinned folders) and the SFT model (`<sft.out>/final`, once the
+sft stage made it), on the six GenEval suites in world vocabulary, single step (one text-to-image call per prompt),
+judged by the GenEval-format judge against each prompt's own metadata; then the semantic-complexity probe (single
+step vs the closed loop over the 10 tiers: pass rate per tier, AUC, I_eff) on the released distilled model, the
+4-NFE generator the loop runs by default (`loop.model`).
 
-Writes to `cfg.eval.out`: `metrics.json` (`<stage>_geneval_<tag>` and `<stage>_geneval_overall`, the mean over
-tags, for each evaluated stage; `probe_<mode>_auc`, `probe_<mode>_tier<k>`, `probe_auc_ratio`, `probe_i_eff`),
-`prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` + `geneval.png` (DVC plots), `samples.png`
-(the first prompt of each tag per model; green frame = passed), `probe.json` + `probe.png` and
-`filmstrip.png` (one tier-10 prompt through the loop).
+Writes to `cfg.eval.out`: `metrics.json` (`<model>_geneval_<tag>` and `<model>_geneval_overall`, the mean over
+tags, for each evaluated model: base, distilled, sft; `probe_<mode>_auc`, `probe_<mode>_tier<k>`,
+`probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` +
+`geneval.png` (DVC plots), `samples.png` (the first prompt of each tag per model; green frame = passed),
+`probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the loop).
 """
 
 from __future__ import annotations
@@ -20,20 +21,19 @@ from pathlib import Path
 import numpy as np
 
 from clvr.config import Config
-from clvr.errors import ClvrError
 from clvr.io import atomic_write_text, save_figure, save_png
-from clvr.registry import is_checkpoint
+from clvr.registry import is_checkpoint, released
 
-MODEL_STAGES = ("pretrain", "distill")  # config sections whose `<out>/final` is a generator
+PROBED = "distilled"  # the model the probe and the filmstrip run: the released 4-NFE generator
 
 
-def generators_to_evaluate(cfg: Config) -> dict[str, Path]:
-    """Stage name -> its final/ folder, for the stages that have produced one."""
-    found = {s: Path(getattr(cfg, s).out) / "final" for s in MODEL_STAGES}
-    found = {s: p for s, p in found.items() if is_checkpoint(p)}
-    if not found:
-        wanted = ", ".join(str(Path(getattr(cfg, s).out) / "final") for s in MODEL_STAGES)
-        raise ClvrError(f"nothing to evaluate: no generator at {wanted} (run the pretrain stage first)")
+def generators_to_evaluate(cfg: Config) -> dict[str, str]:
+    """Model name in the metrics -> model ("base" | "distilled" | a folder): the released pair (checked by
+    clvr.registry, a CheckpointError naming `weights.<name>` if one is missing), then the SFT model if made."""
+    found = released(cfg.weights.base, cfg.weights.distilled)
+    sft = Path(cfg.sft.out) / "final"
+    if is_checkpoint(sft):
+        found["sft"] = str(sft)
     return found
 
 
@@ -70,20 +70,22 @@ def run(cfg: Config) -> dict:
     scores: dict[str, dict[str, float]] = {}
     metrics: dict[str, float] = {}
     finals: dict[str, list] = {}
-    for stage, path in models.items():
+    probed = None
+    for name, path in models.items():
         t = time.perf_counter()
         generator = load_generator(cfg, str(path))
+        probed = generator if name == PROBED else probed
         rows = run_mode(cfg, generator, prompts, "single", cfg.eval.seed)
-        scores[stage] = {k: round(v, 4) for k, v in score(rows).items()}
-        metrics.update({f"{stage}_geneval_{k}": v for k, v in scores[stage].items()})
-        metrics[f"{stage}_s_per_prompt"] = (time.perf_counter() - t) / len(rows)
-        finals[stage] = rows
-        print(f"[evaluate] {stage}: GenEval (world, single step) overall {scores[stage]['overall']:.3f}", flush=True)
-    atomic_write_text(out / "geneval.json", json.dumps([{"group": f"{stage}/{k}", "accuracy": v}
-                                             for stage, sc in scores.items() for k, v in sc.items()], indent=1))
+        scores[name] = {k: round(v, 4) for k, v in score(rows).items()}
+        metrics.update({f"{name}_geneval_{k}": v for k, v in scores[name].items()})
+        metrics[f"{name}_s_per_prompt"] = (time.perf_counter() - t) / len(rows)
+        finals[name] = rows
+        print(f"[evaluate] {name}: GenEval (world, single step) overall {scores[name]['overall']:.3f}", flush=True)
+    atomic_write_text(out / "geneval.json", json.dumps([{"group": f"{name}/{k}", "accuracy": v}
+                                             for name, sc in scores.items() for k, v in sc.items()], indent=1))
     plot_geneval(scores, out / "geneval.png")
     samples_sheet(finals, out / "samples.png")
-    metrics.update(probe_metrics(cfg, generator, out))  # the last generator: the one the loop runs
+    metrics.update(probe_metrics(cfg, probed, out))  # the released 4-NFE generator: the one the loop runs
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     return {"metrics": metrics, "final": None}
 
@@ -108,7 +110,7 @@ def probe_metrics(cfg: Config, generator, out: Path) -> dict[str, float]:
 
 
 def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:
-    """Grouped horizontal bars: pass rate per GenEval tag (and overall), one bar per evaluated stage."""
+    """Grouped horizontal bars: pass rate per GenEval tag (and overall), one bar per evaluated model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +119,8 @@ def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:
     groups = list(next(iter(scores.values())))
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     h = 0.8 / len(scores)
-    for i, (stage, sc) in enumerate(scores.items()):
-        ax.barh(np.arange(len(groups)) + i * h, [sc[g] for g in groups], height=h, label=stage)
+    for i, (name, sc) in enumerate(scores.items()):
+        ax.barh(np.arange(len(groups)) + i * h, [sc[g] for g in groups], height=h, label=name)
     ax.set_yticks(np.arange(len(groups)) + 0.4 - h / 2, groups)
     ax.set_xlim(0, 1)
     ax.set_xlabel("pass rate (single step)")
@@ -128,7 +130,7 @@ def plot_geneval(scores: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def samples_sheet(finals: dict[str, list[dict]], path: Path, scale: int = 2) -> None:
-    """One row per stage: the first prompt of each tag, framed green (passed) or red (failed)."""
+    """One row per model: the first prompt of each tag, framed green (passed) or red (failed)."""
     from PIL import Image, ImageDraw
 
     rows = {s: [next(r for r in rs if r["tag"] == t) for t in dict.fromkeys(r["tag"] for r in rs)]

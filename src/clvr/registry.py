@@ -4,7 +4,9 @@
   with a clear error naming the unknown key and the known ones.
 * Models: the one place that knows the generator model names: the shipped weights (`SHIPPED`, packaged under
   `WEIGHTS_DIR`), the oracle generators that need no model (`ORACLES`), where a name's files are
-  (`model_path`), the pipeline's default base (`default_base`), and a model's content hash (`model_digest`).
+  (`model_path`), the released models the retrain flow starts from (`released`), where the foundation flow ships
+  (`ship_root`), the distill stage's default teacher (`default_teacher`), and a model's content hash
+  (`model_digest`).
 """
 
 from __future__ import annotations
@@ -54,11 +56,24 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-def default_base(pretrain_out: str | Path) -> str:
-    """The pipeline's base generator: `<pretrain.out>/final` once the pretrain stage made it, else the shipped
-    "base" (the released weights the retrain flow starts from)."""
-    trained = Path(pretrain_out) / "final"
-    return str(trained) if is_checkpoint(trained) else "base"
+def default_teacher(*outs: str | Path) -> str:
+    """The first `<out>/final` of `outs` that is a checkpoint (the distill stage passes finetune.out, then
+    pretrain.out), else the shipped "base"."""
+    for out in outs:
+        if is_checkpoint(Path(out) / "final"):
+            return str(Path(out) / "final")
+    return "base"
+
+
+def released(base: str, distilled: str, key: str = "weights") -> dict[str, str]:
+    """The released models the retrain flow starts from ("base" | "distilled" | a checkpoint folder each, from
+    config keys `<key>.base` and `<key>.distilled`), checked: {"base": ..., "distilled": ...}."""
+    return {name: check_checkpoint(model, f"{key}.{name}") for name, model in zip(SHIPPED, (base, distilled))}
+
+
+def ship_root(root: str | Path) -> Path:
+    """Where the foundation flow's ship stage installs base/ and distilled/: `root`, or "" = `WEIGHTS_DIR`."""
+    return Path(root) if str(root) else WEIGHTS_DIR
 
 
 def check_model_name(model: str) -> None:

@@ -1,5 +1,12 @@
-"""The stage registry: the one list of pipeline stages. `dvc.yaml` is generated from it
-(`clvr pipeline dvc-yaml`), the Prefect flow runs its stages in order, `clvr stage NAME` runs one alone.
+"""The stage registry: the one list of pipeline stages, each in one of two flows. `dvc.yaml` is generated from it
+(`clvr pipeline dvc-yaml`, every stage of both flows), each Prefect flow runs its own stages in order, `clvr stage
+NAME` runs one alone.
+
+* foundation (`clvr pipeline run --flow foundation`, `make weights`): pretrain -> finetune -> distill -> ship. It
+  makes the released weights (at real scale these are downloaded: FLUX.2 [klein] base and distilled), so its
+  stages list no dependency on them.
+* retrain (`clvr pipeline run`, `make run`): synthesize -> sft -> evaluate, starting from the released weights
+  (`weights.base`, `weights.distilled`: the shipped ones or registry-pinned folders).
 
 Stage contract: `run(cfg: Config) -> {"metrics": {name: float}, "final": path | None}`, writing under its own
 out dir (`cfg.<section>.out`): `metrics.json` (final summary), and for training stages `metrics.jsonl` (one line
@@ -27,7 +34,7 @@ from typing import Callable
 import numpy as np
 import yaml
 
-from clvr.config import Config, SynthesizeCfg, launcher_env, to_dict, to_yaml
+from clvr.config import FLOWS, Config, SynthesizeCfg, launcher_env, load_config, to_dict, to_yaml
 from clvr.errors import ClvrError
 from clvr.io import atomic_write_text
 
@@ -114,7 +121,7 @@ def code_deps(*modules: str) -> tuple[str, ...]:
     return tuple(sorted(str(p.relative_to(REPO)) for p in out))
 
 
-WEIGHTS = "src/clvr/weights"  # the shipped generators: data, not code (read when no trained base exists)
+WEIGHTS = "src/clvr/weights"  # the shipped generators: data, not code (what the retrain flow starts from)
 
 
 def _keys(schema: type, section: str, but: tuple[str, ...]) -> tuple[str, ...]:
@@ -125,6 +132,7 @@ def _keys(schema: type, section: str, but: tuple[str, ...]) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Stage:
     name: str
+    flow: str  # the flow that runs it (clvr.config.FLOWS)
     func: str  # "module:function"
     section: str  # config section with this stage's `out` (and `steps`, for resumable stages)
     params: tuple[str, ...]  # params.yaml keys DVC tracks (changing one reruns the stage)
@@ -147,22 +155,40 @@ class Stage:
         return f"clvr stage {self.name} --params {PARAMS_FILE}"
 
 
-def _train_stage(name: str, func: str, params: tuple[str, ...], extra_deps: tuple[str, ...] = ()) -> Stage:
+def _train_stage(name: str, flow: str, func: str, params: tuple[str, ...], extra_deps: tuple[str, ...] = ()) -> Stage:
     o = f"{{{name}.out}}"
-    return Stage(name=name, func=func, section=name, params=params,
-                 deps=(*extra_deps, *code_deps(func.partition(":")[0]), WEIGHTS),
+    weights = (WEIGHTS,) if flow == "retrain" else ()  # the foundation flow makes them: no dependency on them
+    return Stage(name=name, flow=flow, func=func, section=name, params=params,
+                 deps=(*extra_deps, *code_deps(func.partition(":")[0]), *weights),
                  outs=(f"{o}/final",), metrics=(f"{o}/metrics.json",),
                  plots=((f"{o}/curve.json", {"x": "step", "y": "loss", "title": f"{name}: training loss"}),),
                  resumable=True, generator=True)
 
 
+TRAIN_PARAMS = ("seed", "world", "generator", "sample", "engine")
+
 STAGES: list[Stage] = [
-    _train_stage("pretrain", "clvr.train.pretrain:run", ("seed", "world", "generator", "sample", "engine", "pretrain")),
-    _train_stage("distill", "clvr.train.distill:run", ("seed", "world", "generator", "sample", "engine", "distill"),
+    # ---- foundation: the released weights
+    _train_stage("pretrain", "foundation", "clvr.train.pretrain:run", (*TRAIN_PARAMS, "pretrain")),
+    _train_stage("finetune", "foundation", "clvr.train.finetune:run", (*TRAIN_PARAMS, "finetune"),
                  extra_deps=("{pretrain.out}/final",)),
-    Stage(name="evaluate", func="clvr.evaluate:run", section="eval",
-          params=("seed", "world", "sample", "loop", "controller", "eval"),
-          deps=("{pretrain.out}/final", "{distill.out}/final", *code_deps("clvr.evaluate"), WEIGHTS),
+    _train_stage("distill", "foundation", "clvr.train.distill:run", (*TRAIN_PARAMS, "distill"),
+                 extra_deps=("{finetune.out}/final",)),
+    Stage(name="ship", flow="foundation", func="clvr.ship:run", section="ship", params=("ship",),
+          deps=("{finetune.out}/final", "{distill.out}/final", *code_deps("clvr.ship")),
+          outs=(), metrics=("{ship.out}/metrics.json",)),
+    # ---- retrain: from the released weights
+    Stage(name="synthesize", flow="retrain", func="clvr.synthesize:run", section="synthesize",
+          params=("world", "loop", "controller", "weights.base", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
+          deps=(*code_deps("clvr.synthesize"), WEIGHTS),
+          outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
+          metrics=("{synthesize.out}/metrics.json",),
+          datasets=("{synthesize.out}/trajectories.jsonl",)),
+    _train_stage("sft", "retrain", "clvr.train.sft:run", ("seed", "world", "sample", "engine", "sft"),
+                 extra_deps=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images")),  # sft.data
+    Stage(name="evaluate", flow="retrain", func="clvr.evaluate:run", section="eval",
+          params=("seed", "world", "sample", "loop", "controller", "weights", "eval"),
+          deps=("{sft.out}/final", *code_deps("clvr.evaluate"), WEIGHTS),
           outs=("{eval.out}/prompts.jsonl", "{eval.out}/samples.png"),
           metrics=("{eval.out}/metrics.json",),
           plots=(("{eval.out}/geneval.json", {"template": "bar_horizontal", "x": "accuracy", "y": "group",
@@ -170,13 +196,6 @@ STAGES: list[Stage] = [
                  ("{eval.out}/geneval.png", {}), ("{eval.out}/probe.png", {}),
                  ("{eval.out}/filmstrip.png", {})),  # not outs: it shows seconds, which no rerun repeats
           datasets=("{eval.out}/prompts.jsonl",)),
-    Stage(name="synthesize", func="clvr.synthesize:run", section="synthesize",
-          params=("world", "loop", "controller", *_keys(SynthesizeCfg, "synthesize", but=("workers",))),
-          deps=("{pretrain.out}/final", *code_deps("clvr.synthesize"), WEIGHTS),
-          outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
-          metrics=("{synthesize.out}/metrics.json",),
-          datasets=("{synthesize.out}/trajectories.jsonl",)),
-    _train_stage("sft", "clvr.train.sft:run", ("seed", "world", "sample", "engine", "sft")),
 ]
 
 
@@ -189,6 +208,26 @@ def get_stage(name: str) -> Stage:
         if s.name == name:
             return s
     raise ClvrError(f"unknown stage '{name}' (known: {', '.join(stage_names())})")
+
+
+def flow_stages(flow: str, only: list[str] | None = None) -> list[Stage]:
+    """The stages `flow` runs, in registry order; `only` limits them to some of its stages (names)."""
+    if flow not in FLOWS:
+        raise ClvrError(f"unknown flow '{flow}' (known: {', '.join(FLOWS)})")
+    for name in only or ():
+        if get_stage(name).flow != flow:
+            raise ClvrError(f"stage '{name}' is in the {get_stage(name).flow} flow, not in {flow} "
+                            f"(its stages: {', '.join(s.name for s in STAGES if s.flow == flow)})")
+    return [s for s in STAGES if s.flow == flow and (not only or s.name in only)]
+
+
+def flow_config(flow: str, profile: str, overrides: list[str] | None) -> Config:
+    """A flow run's config: the profile and overrides, with `pipeline.flow` = `flow` (params.yaml records it for
+    `clvr reproduce`); the flow is chosen by the run, never by an override."""
+    flow_stages(flow)
+    if any(o.split("=", 1)[0].strip() == "pipeline.flow" for o in overrides or []):
+        raise ClvrError("pipeline.flow is the flow being run: choose it with `clvr pipeline run --flow`, not --set")
+    return load_config(profile, [*(overrides or []), f"pipeline.flow={flow}"])
 
 
 # ---- paths with config references ------------------------------------------------------------------------
@@ -217,8 +256,9 @@ def dvc_stages(stages: list[Stage] | None = None) -> dict:
     """The `stages:` mapping of dvc.yaml."""
     out = {}
     for s in stages or STAGES:
-        d: dict = {"cmd": s.cmd(), "deps": [_dvc_path(p) for p in s.deps], "params": list(s.params),
-                   "outs": [_dvc_path(p) for p in s.outs]}
+        d: dict = {"cmd": s.cmd(), "deps": [_dvc_path(p) for p in s.deps], "params": list(s.params)}
+        if s.outs:
+            d["outs"] = [_dvc_path(p) for p in s.outs]
         if s.metrics:
             d["metrics"] = [{_dvc_path(p): {"cache": False}} for p in s.metrics]
         if s.plots:

@@ -1,4 +1,5 @@
-"""`clvr world pretrain`, `clvr world distill`, `clvr world sft`, `clvr world ship`, `clvr world bench-generator`."""
+"""`clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world ship`,
+`clvr world bench-generator`."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from clvr.config import load_config
 Overrides = typer.Argument(None, help="key=value config overrides, e.g. pretrain.steps=100")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
 TRAIN_USES = ("world", "generator", "pretrain", "sample", "engine")
-DISTILL_USES = ("world", "generator", "pretrain", "distill", "sample", "engine")
-SFT_USES = ("world", "sft", "sample", "engine")
+FINETUNE_USES = ("world", "generator", "pretrain", "finetune", "sample", "engine")
+DISTILL_USES = ("world", "generator", "pretrain", "finetune", "distill", "sample", "engine")
+SFT_USES = ("world", "weights", "sft", "sample", "engine")
 
 
 @world_app.command("pretrain")
@@ -24,6 +26,17 @@ def pretrain(overrides: Optional[List[str]] = Overrides, profile: str = ProfileO
     from clvr.train.pretrain import run
 
     res = run(load_config(profile, overrides, uses=TRAIN_USES, command="world pretrain"))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
+@world_app.command("finetune")
+def finetune(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """The move-heavy fine-tune of the foundation flow: the pretrain trainer on the finetune section, from
+    finetune.init ("" = <pretrain.out>/final); resumes from the newest checkpoint in finetune.out. Last line: JSON
+    metrics."""
+    from clvr.train.finetune import run
+
+    res = run(load_config(profile, overrides, uses=FINETUNE_USES, command="world finetune"))
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 

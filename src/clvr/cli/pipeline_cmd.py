@@ -1,7 +1,8 @@
 """`clvr pipeline run|dvc-yaml|serve`, `clvr stage NAME`, `clvr reproduce TAG`.
 
-The pipeline commands launch the Prefect flows in the project's flows/ (found from the current directory);
-`clvr stage` runs one registry stage in this process (it is also the command DVC runs for each stage).
+The pipeline commands launch the Prefect flows in the project's flows/ (found from the current directory): flow
+NAME is the function NAME in flows/NAME.py (`retrain`, the default, and `foundation`). `clvr stage` runs one
+registry stage in this process (it is also the command DVC runs for each stage).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from clvr.cli import ProfileOpt, app
 from clvr.errors import ClvrError
 from clvr.io import atomic_write_text
 
-pipeline_app = typer.Typer(help="The training pipeline: DVC stages run by a Prefect flow, tracked in MLflow.",
-                           no_args_is_help=True)
+pipeline_app = typer.Typer(help="The training pipeline: DVC stages run by Prefect flows (retrain, foundation), "
+                                "tracked in MLflow.", no_args_is_help=True)
 app.add_typer(pipeline_app, name="pipeline")
 
 SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
@@ -38,31 +39,33 @@ def project_root() -> Path:
     raise ClvrError(f"not inside a clvr project: no folder with .dvc/ and flows/ above {here}")
 
 
-def _flows(root: Path):
-    """Import flows/ and tasks/ of the project at `root`."""
+def _flows(root: Path, flow: str = "retrain"):
+    """Import flows/ and tasks/ of the project at `root`; the module flows/<flow>.py."""
+    import importlib
+
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    import flows.retrain
-
-    return flows.retrain
+    return importlib.import_module(f"flows.{flow}")
 
 
 @pipeline_app.command("run")
 def run(profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
+        flow: str = typer.Option("retrain", "--flow", help="retrain (synthesize, sft, evaluate from the released "
+                                 "weights) | foundation (pretrain, finetune, distill, ship: makes them)"),
         stages: Optional[List[str]] = typer.Option(None, "--stage", "-s",
-                                                   help="only these stages (repeatable)")) -> None:
-    """Run the pipeline (Prefect flow `retrain`) locally on Prefect's ephemeral server; DVC skips stages that
-    are up to date. Ends with where to look: the MLflow UI, the run's git tag, the report files."""
-    from clvr.config import load_config
-    from clvr.stages import get_stage, stage_names
+                                                   help="only these stages of the flow (repeatable)")) -> None:
+    """Run a pipeline flow (Prefect flow `retrain`, the default, or `foundation`) locally on Prefect's ephemeral
+    server; DVC skips stages that are up to date. Ends with where to look: the MLflow UI, the run's git tag, the
+    report files."""
+    from clvr.stages import flow_config, flow_stages
 
     root = project_root()
     os.environ["CLVR_CONF_DIR"] = str(root / "conf")
-    load_config(profile, overrides)  # a bad profile or key fails here, before anything starts
-    names = [get_stage(s).name for s in stages] if stages else stage_names()
-    retrain = _flows(root)
+    names = [s.name for s in flow_stages(flow, list(stages or []))]  # an unknown flow or stage fails here
+    flow_config(flow, profile, overrides)  # a bad profile or key fails here, before anything starts
+    mod = _flows(root, flow)
     from tasks import progress
     from tasks.lock import check_free
 
@@ -72,8 +75,8 @@ def run(profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
 
     with progress.Reporter(names) as progress.REPORTER:
         try:
-            res = retrain.retrain(profile=profile, overrides=list(overrides or []), root=str(root),
-                                  stages=list(stages) if stages else None)
+            res = getattr(mod, flow)(profile=profile, overrides=list(overrides or []), root=str(root),
+                                     stages=list(stages) if stages else None)
         except StageFailed as e:  # retries spent; the next run resumes from the newest checkpoint
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1)
@@ -86,7 +89,7 @@ REPORTS = ("metrics.json", "geneval.png", "samples.png", "probe.png", "filmstrip
 
 
 def _print_where_to_look(res: dict, root: Path) -> None:
-    summary = {k: res[k] for k in ("profile", "mlflow_run_id", "tag", "commit", "lock_sha256")}
+    summary = {k: res[k] for k in ("flow", "profile", "mlflow_run_id", "tag", "commit", "lock_sha256")}
     summary["stages"] = {r["stage"]: {"status": r["status"], "seconds": r["seconds"]} for r in res["stages"]}
     summary["champion"] = (res.get("registry") or {}).get("champion")
     typer.echo(json.dumps(summary))
@@ -131,6 +134,7 @@ def serve(cron: Optional[str] = typer.Option(None, "--cron", help="cron schedule
           dry_run: bool = typer.Option(False, "--dry-run", help="scheduled runs check the project and config and "
                                        "take the pipeline lock, but run no stage (to try a schedule)")) -> None:
     """Serve the retrain flow as a scheduled deployment from this machine (blocks; Ctrl-C or SIGTERM stops it).
+    The foundation flow is run by hand (`clvr pipeline run --flow foundation`), not scheduled.
     Starts a Prefect server with its scheduler (database in runs/prefect/) unless PREFECT_API_URL names one."""
     from clvr.config import load_config
 

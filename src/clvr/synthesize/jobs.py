@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from clvr.config import Config, SynthesizeCfg, to_dict
-from clvr.registry import ORACLES, check_checkpoint, default_base, model_digest
+from clvr.registry import ORACLES, check_checkpoint, model_digest
 from clvr.trajectories import SCHEMA, SCHEMA_VERSION
 
 Log = Callable[[str], None]
@@ -47,12 +47,12 @@ def traj_id(j: int) -> str:
 # ---- config, model, fingerprint --------------------------------------------------------------------------------
 
 def resolve_model(cfg: Config) -> str:
-    """The generator model: `synthesize.model`, or "" = the pipeline's base (clvr.registry.default_base: the data
-    engine acts with the base generator). An oracle generator key needs no model."""
+    """The generator model: `synthesize.model`, or "" = `weights.base`, the released base the retrain flow starts
+    from (the data engine acts with the base generator). An oracle generator key needs no model."""
     s = cfg.synthesize
     if s.generator in ORACLES:
         return s.generator
-    return check_checkpoint(s.model or default_base(cfg.pretrain.out), "synthesize.model")
+    return check_checkpoint(s.model or cfg.weights.base, "synthesize.model")
 
 
 def fingerprint(cfg: Config, model: str) -> str:

@@ -57,10 +57,11 @@ from clvr.train.pretrain import EVAL_TIERS, noise, sampler_sigmas, weighted_x0_l
 
 
 def teacher_path(cfg: Config) -> str:
-    """cfg.distill.teacher, else <pretrain.out>/final if present, else the shipped base."""
-    from clvr.registry import default_base
+    """cfg.distill.teacher, else <finetune.out>/final if present, else <pretrain.out>/final if present, else the
+    shipped base."""
+    from clvr.registry import default_teacher
 
-    return cfg.distill.teacher or default_base(cfg.pretrain.out)
+    return cfg.distill.teacher or default_teacher(cfg.finetune.out, cfg.pretrain.out)
 
 
 class DistillLoss:

@@ -24,8 +24,9 @@ from clvr.train.loop import Rows, Trainer
 EVAL_TIERS = [1, 2, 3]
 
 
-def build_pipeline(cfg: Config, init: str = "") -> WorldPipeline:
-    """From scratch at cfg.generator's sizes, or from a checkpoint ("base" = the shipped base weights)."""
+def build_pipeline(cfg: Config, init: str = "", seed: int | None = None) -> WorldPipeline:
+    """From scratch at cfg.generator's sizes (weights seeded by `seed`, default pretrain.seed), or from a checkpoint
+    ("base" = the shipped base weights)."""
     if init:
         from clvr.models.backend import load_pipeline
 
@@ -33,7 +34,7 @@ def build_pipeline(cfg: Config, init: str = "") -> WorldPipeline:
     g = cfg.generator
     return WorldPipeline.from_sizes(g.hidden, g.heads, g.double_layers, g.single_layers, g.text_hidden,
                                     g.text_layers, g.max_text_len, cfg.world.grid, cfg.world.cell,
-                                    seed=cfg.pretrain.seed, default_steps=cfg.sample.steps,
+                                    seed=cfg.pretrain.seed if seed is None else seed, default_steps=cfg.sample.steps,
                                     default_guidance=cfg.sample.guidance, cell_slots=g.cell_slots,
                                     head_width=g.head_width)
 
@@ -101,21 +102,24 @@ class PretrainLoss:
                                                  "gate_acc": gate_acc.item()}
 
 
-def trainer(cfg: Config, out: Path | None) -> Trainer:
+def trainer(cfg: Config, out: Path | None, section: str = "pretrain", init: str | None = None) -> Trainer:
+    """The pretrain trainer on config section `section` (pretrain, or finetune: a PretrainCfg too), starting from
+    `init` (None = the section's own `init`)."""
+    s = getattr(cfg, section)
+    start = s.init if init is None else init
+
     def build(resume: Path | None) -> WorldPipeline:
-        return build_pipeline(cfg, str(resume / "model") if resume else cfg.pretrain.init)
+        return build_pipeline(cfg, str(resume / "model") if resume else start, seed=s.seed)
 
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
         from clvr.train.bench import quick_eval
 
-        return quick_eval(pipe, cfg.pretrain.eval_trials, cfg.pretrain.eval_steps, 1.0, EVAL_TIERS,
-                          appearance=cfg.world.appearance)
+        return quick_eval(pipe, s.eval_trials, s.eval_steps, 1.0, EVAL_TIERS, appearance=cfg.world.appearance)
 
-    return Trainer("pretrain", cfg, cfg.pretrain, build, PretrainLoss(cfg), evaluate, out,
-                   text_dropout=cfg.pretrain.text_dropout)
+    return Trainer(section, cfg, s, build, PretrainLoss(cfg, s), evaluate, out, text_dropout=s.text_dropout)
 
 
-def run(cfg: Config) -> dict:
-    torch.set_num_threads(cfg.pretrain.threads)
-    out = Path(cfg.pretrain.out)
-    return trainer(cfg, out).fit()
+def run(cfg: Config, section: str = "pretrain", init: str | None = None) -> dict:
+    s = getattr(cfg, section)
+    torch.set_num_threads(s.threads)
+    return trainer(cfg, Path(s.out), section, init).fit()
