@@ -48,3 +48,10 @@ def test_cli_config_show_and_bad_input():
     bad = subprocess.run([sys.executable, "-m", "clvr", "config", "show", "pretrain.x=1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "pretrain.x" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_override_with_nothing_after_the_sign_is_the_empty_string():
+    """`sft.data=` (what a shell makes of `sft.data=""`) empties a string key; YAML alone would read null."""
+    assert load_config("ci").sft.data != "" and load_config("ci", ["sft.data="]).sft.data == ""
+    with pytest.raises(ConfigError, match="sft.steps"):
+        load_config("ci", ["sft.steps="])

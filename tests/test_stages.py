@@ -250,7 +250,8 @@ def test_evaluate_stage(trained):
     from clvr.synthesize import resolve_model
 
     tmp, _, _ = trained
-    cfg = ci_cfg(tmp, f"weights.base={tmp}/weights/base", f"weights.distilled={tmp}/weights/distilled")
+    cfg = ci_cfg(tmp, f"weights.base={tmp}/weights/base", f"weights.distilled={tmp}/weights/distilled",
+                 "sft.data=")  # no synthesize run here: sft on its on-the-fly samples only
     assert cfg.sft.init == resolve_model(cfg) == f"{tmp}/weights/base"  # one key pins the base
     run_stage("sft", cfg)
     res = run_stage("evaluate", cfg)

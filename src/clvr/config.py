@@ -588,10 +588,13 @@ def _load_yaml(path: Path) -> DictConfig:
 
 
 def _override(item: str) -> DictConfig:
-    """One `key=value` override as a config layer; a value that is not valid YAML is a ConfigError naming it."""
+    """One `key=value` override as a config layer; a value that is not valid YAML is a ConfigError naming it.
+    `key=` (nothing after the sign) is the empty string, as a shell leaves `key=""`: YAML would read null."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key=value")
     try:
+        if item.endswith("="):
+            return OmegaConf.from_dotlist([item + "''"])
         return OmegaConf.from_dotlist([item])
     except OmegaConfBaseException as e:
         raise ConfigError(f"override {item!r}: {_first_line(e)}") from None
