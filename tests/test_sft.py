@@ -15,7 +15,7 @@ from clvr.generator import GenRequest
 from clvr.models import WorldGenerator, load_pipeline
 from clvr.models.pipeline import REF_T, SLOT_LEN, TEXT_T, WorldPipeline, slot_words
 from clvr.steps import Step
-from clvr.train import loop, sft
+from clvr.train import sft
 from clvr.train.bench import multi_requests
 from clvr.train.data import MultiMix, PromptSource, batch_tokens, random_multi_edit, sample_batch
 from clvr.trajectories import Example
@@ -174,37 +174,22 @@ def test_lora_adapter_saves_loads_and_merges(tmp_path, tiny_dir):
     assert all(torch.equal(v, te[k]) for k, v in final.text_encoder.state_dict().items())  # frozen
 
 
-def test_full_sft_trains_everything_and_resumes_exactly(tmp_path, tiny_dir, monkeypatch):
+def test_full_sft_trains_everything_and_resumes_exactly(tmp_path, tiny_dir, die_at_step):
     straight = sft.run(ci(tmp_path / "a", tiny_dir))
     assert {"eval_multi_k2", "eval_multi_k8", "eval_edit_mean"} <= set(straight["metrics"])
     before, after = weights(load_pipeline(tiny_dir)), weights(load_pipeline(straight["final"]))
     assert sum(not torch.equal(before[k], after[k]) for k in before) > 0.9 * len(before)
     cfg = ci(tmp_path / "b", tiny_dir)
-    real_step = loop.Trainer.train_step
-
-    def dying_step(self):  # dies during step 3, after the step-2 checkpoint
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        sft.run(cfg)
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    die_at_step(sft.run, cfg, 2)  # dies during step 3, after the step-2 checkpoint
     resumed = weights(load_pipeline(sft.run(cfg)["final"]))
     assert all(torch.equal(after[k], resumed[k]) for k in after)
 
 
-def test_lora_run_resumes_exactly(tmp_path, tiny_dir, monkeypatch):
+def test_lora_run_resumes_exactly(tmp_path, tiny_dir, die_at_step):
     extra = ("sft.mode=lora", "sft.lora_rank=2")
     straight = weights(load_pipeline(sft.run(ci(tmp_path / "a", tiny_dir, *extra))["final"]))
     cfg = ci(tmp_path / "b", tiny_dir, *extra)
-    real_step = loop.Trainer.train_step
-    monkeypatch.setattr(loop.Trainer, "train_step",
-                        lambda self: (_ for _ in ()).throw(KeyboardInterrupt) if self.step == 2 else real_step(self))
-    with pytest.raises(KeyboardInterrupt):
-        sft.run(cfg)
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    die_at_step(sft.run, cfg, 2)
     resumed = weights(load_pipeline(sft.run(cfg)["final"]))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # the adapter's init is seeded too
 

@@ -74,21 +74,11 @@ def test_pretrain_writes_metrics_checkpoints_and_final(tmp_path):
     assert all(isinstance(v, float) for v in summary.values()) and summary["steps"] == 4.0
 
 
-def test_resume_after_interruption_continues_exactly(tmp_path, monkeypatch):
+def test_resume_after_interruption_continues_exactly(tmp_path, die_at_step):
     straight = pretrain.run(ci(tmp_path / "a"))["final"]
     cfg = ci(tmp_path / "b")
-    real_step = loop.Trainer.train_step
-
-    def dying_step(self):  # the process dies during step 3, after the step-2 checkpoint
-        if self.step == 2:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.run(cfg)
+    die_at_step(pretrain.run, cfg, 2)  # the process dies during step 3, after the step-2 checkpoint
     assert not (tmp_path / "b" / "pre" / "final").exists()
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     resumed = pretrain.run(cfg)["final"]
     a, b = weights(straight), weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -203,7 +193,7 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4
 
 
-def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, monkeypatch):
+def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, die_at_step):
     """Two rounds of 2 steps (teacher at 16 steps + CFG, then the round-1 student's copy at 8 -> student at 4):
     the round-1 teacher is saved at the boundary and is the student as it was then; a run that dies in round 1
     after the step-3 checkpoint resumes with that teacher and ends on the same weights as an unbroken run."""
@@ -219,21 +209,11 @@ def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, mon
     # the saved teacher is the student at step 2 (the boundary): the step-2 checkpoint's model
     # (only the newest 2 checkpoints are kept, so rerun to step 2 to compare)
     cfg_b = ci(tmp_path / "b", teacher, *over)
-    real_step = loop.Trainer.train_step
-
-    def dying_step(self):  # dies during step 4, after the step-3 checkpoint (inside round 1)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Trainer, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        distill.run(cfg_b)
+    die_at_step(distill.run, cfg_b, 3)  # dies during step 4, after the step-3 checkpoint (inside round 1)
     b_dist = tmp_path / "b" / "dist"
     at2 = weights(b_dist / "checkpoints" / "step-000002" / "model")
     assert max_diff(weights(b_dist / "rounds" / "round-1"), at2) == 0.0
     assert max_diff(weights(b_dist / "rounds" / "round-1"), weights(pre / "pre" / "final")) > 0
-    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
     resumed = distill.run(cfg_b)
     assert max_diff(weights(resumed["final"]), weights(straight["final"])) == 0.0
     # resuming inside round 1 without its teacher is a one-line error, not a silent wrong teacher

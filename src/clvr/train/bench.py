@@ -58,34 +58,28 @@ def layout_requests(n_objects: int, n: int, grid: int, cell: int, seed: int):
                          rng, n, cell, seed)
 
 
+def success_rate(gen, requests: tuple[list, list], grid: int) -> float:
+    """Share of (request, target scene) pairs whose output the detector reads as exactly the target scene."""
+    reqs, targets = requests
+    res = gen.generate_batch(reqs)
+    return float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
+
+
 def layout_success(gen, sizes, n: int, grid: int, cell: int, seed: int = 1234) -> dict[str, float]:
     """Layout text-to-image success per object count (keys "4", "8", ...): every object drawn where the step
     puts it, nothing else."""
-    out = {}
-    for k in sizes:
-        reqs, targets = layout_requests(k, n, grid, cell, seed)
-        res = gen.generate_batch(reqs)
-        out[str(k)] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
-    return out
+    return {str(k): success_rate(gen, layout_requests(k, n, grid, cell, seed), grid) for k in sizes}
 
 
 def multi_op_success(gen, ks, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
     """Multi-op step success per k (keys "1", "2", ...)."""
-    out = {}
-    for k in ks:
-        reqs, targets = multi_requests(k, n, grid, cell, seed, appearance=appearance)
-        res = gen.generate_batch(reqs)
-        out[str(k)] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
-    return out
+    return {str(k): success_rate(gen, multi_requests(k, n, grid, cell, seed, appearance=appearance), grid)
+            for k in ks}
 
 
 def edit_success(gen, n: int, grid: int, cell: int, seed: int = 1234, appearance=None) -> dict[str, float]:
-    out = {}
-    for op in EDIT_OPS:
-        reqs, targets = edit_requests(op, n, grid, cell, seed, appearance=appearance)
-        res = gen.generate_batch(reqs)
-        out[op] = float(np.mean([to_scene(detect(r.image, grid), grid) == t for r, t in zip(res, targets)]))
-    return out
+    return {op: success_rate(gen, edit_requests(op, n, grid, cell, seed, appearance=appearance), grid)
+            for op in EDIT_OPS}
 
 
 def tier_prompts(tier: int, n: int, grid: int, seed: int) -> list[dict]:
