@@ -56,6 +56,26 @@ def tier_of(c: float) -> int:
     return int(min(10, max(1, math.ceil(c / TIER_WIDTH))))
 
 
+# Prompt structures held out of the learned controller's training (clvr.learned): its second test split.
+HELD_OUT_COMPOSITIONS: tuple[str, ...] = ("rel+excl+3col",)
+
+
+def composition(metadata: dict) -> str:
+    """A prompt's structure, e.g. "rel+excl+3col": "rel" if any object is placed relative to another, "excl" if
+    the prompt forbids something ("no squares": an exclude of count 1; the exact-count excludes are >= 2), then
+    the number of distinct colours named."""
+    parts = ["rel"] if any("position" in c for c in metadata.get("include", ())) else []
+    if any(c.get("count") == 1 for c in metadata.get("exclude", ())):
+        parts.append("excl")
+    colours = {c["color"] for c in metadata.get("include", ()) if c.get("color")}
+    return "+".join(parts + [f"{len(colours)}col"])
+
+
+def held_out(metadata: dict) -> bool:
+    """Whether a prompt's structure is one held out of controller training (`HELD_OUT_COMPOSITIONS`)."""
+    return composition(metadata) in HELD_OUT_COMPOSITIONS
+
+
 # ---- sampling ---------------------------------------------------------------------------------------
 
 def sample_prompt(tier: int, rng: np.random.Generator, grid: int = GRID) -> dict:
