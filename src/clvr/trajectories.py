@@ -54,7 +54,8 @@ A step (`TrajectoryStep`):
     instruction         the instruction text the generator read
     trace_text          the reasoning trace it was conditioned on (the earlier kept steps' instructions)
     seed                the generator seed of this call (null for rejected / stop)
-    input, output       image paths (null for rejected / stop)
+    input, output       image paths (null for rejected / stop); the output of a partly kept multi-op step
+                        (passive "kept", clvr.loop.run) is the canvas it left: its kept ops' cells, the rest unchanged
     passive             passive verification of this step {"ok", "detail", ...}: the gate
     active              active verification of the canvas after this step {"ok", "reason", "missing", ...}
     kept                passed passive verification; its output became the canvas
@@ -233,7 +234,7 @@ def _check_values(t: Trajectory, where: str) -> None:
         if s.output is not None and s.trace_text != ". ".join(trace):
             raise ClvrError(f"{where}: step {s.index} trace_text is not the instructions of the kept steps before it")
         if s.kept and s.output is not None:
-            trace.append(s.instruction)
+            trace.append(kept_instruction(s, t.grid))
     if t.version > 1:
         for key in ("judge", "baseline"):
             f = getattr(t, key).get("failures")
@@ -242,6 +243,22 @@ def _check_values(t: Trajectory, where: str) -> None:
         chain = t.kept()
         for i, m in enumerate(t.macro):
             _check_macro(t, chain, m, f"{where}: macro[{i}]")
+
+
+def kept_step(s: TrajectoryStep, grid: int) -> Step:
+    """What a kept step did to the canvas: its step, or for a partly kept multi-op step (`passive["kept"]`,
+    clvr.loop.run) the ops it kept (one op: that op's own step)."""
+    step = Step.from_dict(s.step, grid)
+    kept = (s.passive or {}).get("kept")
+    if kept is None or step.op != "edit":
+        return step
+    ops = tuple(step.ops[i] for i in kept)
+    return ops[0] if len(ops) == 1 else Step("edit", ops=ops)
+
+
+def kept_instruction(s: TrajectoryStep, grid: int) -> str:
+    """What a kept step added to the reasoning trace: the instruction of what it kept (`kept_step`)."""
+    return s.instruction if "kept" not in (s.passive or {}) else kept_step(s, grid).instruction()
 
 
 def _check_macro(t: Trajectory, chain: list[TrajectoryStep], m: object, where: str) -> None:
@@ -324,8 +341,8 @@ def trajectory_examples(t: Trajectory, root: Path) -> list[Example]:
     done: list[str] = []
     for s in t.kept():
         trace[s.index] = tuple(done)
-        done.append(s.instruction)
-    out = [Example(root / s.input, root / s.output, trace[s.index], Step.from_dict(s.step, t.grid))
+        done.append(kept_instruction(s, t.grid))
+    out = [Example(root / s.input, root / s.output, trace[s.index], kept_step(s, t.grid))
            for s in t.kept() if s.positive]
     out += [Example(root / m["reference"], root / m["target"], trace[m["steps"][0]], Step.from_dict(m["step"], t.grid))
             for m in t.macro]

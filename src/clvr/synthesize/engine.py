@@ -92,13 +92,18 @@ class Engine:
         shutil.rmtree(folder, ignore_errors=True)  # left by a killed run of this shard
         folder.mkdir(parents=True)
         canvas, steps, canvases = BLANK, [], {}
+        calls = [r for r in tr.steps if r.output is not None]
+        left = {a.index: b.input for a, b in zip(calls, calls[1:])}  # the canvas each call left: the next one's input
         for r in tr.steps:
             inp = outp = None
             if r.output is not None:
                 inp, outp = canvas, f"images/{tid}/{r.index:02d}.png"
-                write_png(self.out / outp, r.output)
+                image = r.output
+                if r.accepted and "kept" in (r.passive or {}):  # partly kept: the composed canvas (clvr.loop.run)
+                    image = left.get(r.index, tr.final)
+                write_png(self.out / outp, image)
                 canvases.setdefault(inp, r.input)
-                canvases[outp] = r.output
+                canvases[outp] = image
                 if r.accepted:
                     canvas = outp
             note = r.note + (f" | raw: {r.raw}" if r.raw else "")
