@@ -1,6 +1,6 @@
 """The `retrain` flow, CLVR's method: it starts from the released weights (`weights.base`, `weights.distilled`: the
 shipped src/clvr/weights or registry-pinned folders), as CLVR starts from FLUX.2 [klein], and runs the registry's
-retrain stages synthesize -> sft -> evaluate, each through DVC, tracked in MLflow (flows/common.py).
+retrain stages synthesize -> controller_sft -> sft -> evaluate, each through DVC, tracked in MLflow (flows/common.py).
 
     clvr pipeline run --profile ci              # locally, on Prefect's ephemeral server (`make run`: --profile cpu)
     clvr pipeline serve --cron "0 3 * * 0"      # a cron deployment served from this machine

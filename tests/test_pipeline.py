@@ -166,7 +166,7 @@ def test_run_records_parent_and_stage_runs(run1, mlflow_client):
     root, first_commit, res = run1
     c = mlflow_client
     assert [(r["stage"], r["status"]) for r in res["stages"]] == [(n, "ran") for n in NAMES]
-    assert NAMES == ["synthesize", "sft", "evaluate"]  # from the released weights: no pretrain, no distill
+    assert NAMES == ["synthesize", "controller_sft", "sft", "evaluate"]  # from the released weights: no pretrain, no distill
     assert res["tracking_uri"] == f"sqlite:///{root}/mlflow.db"  # the project's default store
     exp = c.get_experiment_by_name("clvr")
     assert exp.artifact_location == (root / "mlartifacts" / "clvr").as_uri()

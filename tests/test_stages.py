@@ -74,7 +74,7 @@ def test_two_flows_over_one_registry():
     """The foundation flow makes the released weights and lists no dependency on them; the retrain flow starts
     from them and has no pretrain or distill stage."""
     assert [s.name for s in flow_stages("foundation")] == ["pretrain", "finetune", "distill", "ship"]
-    assert [s.name for s in flow_stages("retrain")] == ["synthesize", "sft", "evaluate"]
+    assert [s.name for s in flow_stages("retrain")] == ["synthesize", "controller_sft", "sft", "evaluate"]
     assert sorted(s.name for f in FLOWS for s in flow_stages(f)) == sorted(s.name for s in STAGES)
     for s in STAGES:
         assert ("src/clvr/weights" in s.deps) == (s.flow == "retrain"), s.name

@@ -333,6 +333,64 @@ class SftCfg(DataMixCfg):
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
 
 
+CONTROLLER_SFT_MODES = ("full", "lora")
+
+
+@dataclass
+class ControllerSftCfg:
+    """The learned controller's SFT (`controller_sft` stage, clvr.learned.train): a tiny causal LM trained on the
+    data engine's trajectories, state -> the teacher's step. The teacher is the symbolic world controller with the
+    per-k success table `k_success` and `loop.retries_per_step`; every decision state is asked at each calls-left
+    budget in `budgets` (0 = unbounded). Trajectories of held-out compositions (clvr.world.grammar.held_out) are
+    never trained on; `eval_frac` of the others are held out for the exact-match eval."""
+
+    out: str = "runs/controller_sft"
+    data: str = ""  # the data engine's data set (folder or JSONL); conf/base.yaml: ${synthesize.out}
+    k_success: str = ""  # the teacher's per-k success table (as loop.k_success); conf/base.yaml: ${loop.k_success}
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 0])  # calls left per label (0 = unbounded)
+    init: str = ""  # "" = a fresh model of the size below; or a controller folder to fine-tune (e.g. for lora)
+    mode: str = "full"  # full: every weight; lora: a peft LoRA on the attention and MLP projections
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    layers: int = 2  # model size (a fresh model): Qwen3 decoder layers, hidden size, attention / key-value heads
+    hidden: int = 128
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 384
+    steps: int = 600  # optimizer steps (per phase: the first training, then each DAgger round)
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 30
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.0
+    log_every: int = 50
+    eval_every: int = 300
+    ckpt_every: int = 200
+    eval_frac: float = 0.05  # share of the (training-split) trajectories whose states are held out for the eval
+    eval_max: int = 1000  # at most this many eval examples (a fixed random subset)
+    dagger_rounds: int = 0  # DAgger rounds after training: the student's own states, labelled, added, `steps` more
+    dagger_prompts: int = 200  # fresh training-split prompts the student runs per round
+    seed: int = 0
+    threads: int = 1
+
+    def check(self, name: str) -> None:
+        need(nonempty(self.data), f"{name}.data", "a data-engine data set (folder or JSONL)", self.data)
+        need(self.mode in CONTROLLER_SFT_MODES, f"{name}.mode", f"one of {list(CONTROLLER_SFT_MODES)}", self.mode)
+        need(bool(self.budgets) and all(isinstance(b, int) and b >= 0 for b in self.budgets), f"{name}.budgets",
+             "a non-empty list of calls-left budgets >= 0 (0 = unbounded)", self.budgets)
+        need_all(self, name, "lora_rank layers hidden heads kv_heads intermediate steps log_every eval_every "
+                 "ckpt_every eval_max dagger_prompts threads", at_least(1), ">= 1")
+        need(self.hidden % self.heads == 0, f"{name}.hidden", f"a multiple of heads ({self.heads})", self.hidden)
+        need(self.heads % self.kv_heads == 0, f"{name}.heads", f"a multiple of kv_heads ({self.kv_heads})", self.heads)
+        need(positive(self.lora_alpha), f"{name}.lora_alpha", "> 0", self.lora_alpha)
+        need(positive(self.lr), f"{name}.lr", "> 0", self.lr)
+        need_all(self, name, "warmup dagger_rounds weight_decay", at_least(0), ">= 0")
+        need(fraction(self.min_lr_frac), f"{name}.min_lr_frac", "in 0..1", self.min_lr_frac)
+        need(0 < self.eval_frac < 1, f"{name}.eval_frac", "in 0..1 (both excluded)", self.eval_frac)
+        need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
+        check_global_batch(self.batch_size, f"{name}.batch_size")
+
+
 @dataclass
 class SampleCfg:
     steps: int = 28
@@ -543,6 +601,7 @@ class Config:
     weights: WeightsCfg = field(default_factory=WeightsCfg)
     ship: ShipCfg = field(default_factory=ShipCfg)
     sft: SftCfg = field(default_factory=SftCfg)
+    controller_sft: ControllerSftCfg = field(default_factory=ControllerSftCfg)
     engine: EngineCfg = field(default_factory=EngineCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
     loop: LoopCfg = field(default_factory=LoopCfg)

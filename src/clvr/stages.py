@@ -5,8 +5,8 @@ NAME` runs one alone.
 * foundation (`clvr pipeline run --flow foundation`, `make weights`): pretrain -> finetune -> distill -> ship. It
   makes the released weights (at real scale these are downloaded: FLUX.2 [klein] base and distilled), so its
   stages list no dependency on them.
-* retrain (`clvr pipeline run`, `make run`): synthesize -> sft -> evaluate, starting from the released weights
-  (`weights.base`, `weights.distilled`: the shipped ones or registry-pinned folders).
+* retrain (`clvr pipeline run`, `make run`): synthesize -> controller_sft -> sft -> evaluate, starting from the
+  released weights (`weights.base`, `weights.distilled`: the shipped ones or registry-pinned folders).
 
 Stage contract: `run(cfg: Config) -> {"metrics": {name: float}, "final": path | None}`, writing under its own
 out dir (`cfg.<section>.out`): `metrics.json` (final summary), and for training stages `metrics.jsonl` (one line
@@ -184,6 +184,13 @@ STAGES: list[Stage] = [
           outs=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images", "{synthesize.out}/dataset_card.md"),
           metrics=("{synthesize.out}/metrics.json",),
           datasets=("{synthesize.out}/trajectories.jsonl",)),
+    Stage(name="controller_sft", flow="retrain", func="clvr.learned.train:run", section="controller_sft",
+          params=("seed", "world", "engine", "loop.retries_per_step", "loop.max_prompt_chars", "loop.verifier",
+                  "controller_sft"),
+          deps=("{synthesize.out}/trajectories.jsonl", *code_deps("clvr.learned.train")),  # controller_sft.data
+          outs=("{controller_sft.out}/final",), metrics=("{controller_sft.out}/metrics.json",),
+          plots=(("{controller_sft.out}/curve.json", {"x": "step", "y": "loss", "title": "controller_sft: training loss"}),),
+          resumable=True),  # its final/ is a learned controller (clvr.learned.model), not a generator
     _train_stage("sft", "retrain", "clvr.train.sft:run", ("seed", "world", "sample", "engine", "sft"),
                  extra_deps=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images")),  # sft.data
     Stage(name="evaluate", flow="retrain", func="clvr.evaluate:run", section="eval",

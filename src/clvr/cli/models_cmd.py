@@ -1,5 +1,5 @@
-"""`clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world ship`,
-`clvr world bench-generator`."""
+"""`clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world controller-sft`,
+`clvr world ship`, `clvr world bench-generator`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ TRAIN_USES = ("world", "generator", "pretrain", "sample", "engine")
 FINETUNE_USES = ("world", "generator", "pretrain", "finetune", "sample", "engine")
 DISTILL_USES = ("world", "generator", "pretrain", "finetune", "distill", "sample", "engine")
 SFT_USES = ("world", "weights", "sft", "sample", "engine")
+CONTROLLER_SFT_USES = ("world", "loop", "controller_sft", "engine")
 
 
 @world_app.command("pretrain")
@@ -58,6 +59,17 @@ def sft(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -
     from clvr.train.sft import run
 
     res = run(load_config(profile, overrides, uses=SFT_USES, command="world sft"))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
+
+
+@world_app.command("controller-sft")
+def controller_sft(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Train the learned controller on the data engine's trajectories (controller_sft.data): each decision state
+    -> the symbolic teacher's step at every calls-left budget; LoRA or full (controller_sft.mode), optional DAgger
+    rounds; resumes from the newest checkpoint in controller_sft.out. Last line: JSON metrics."""
+    from clvr.learned.train import run
+
+    res = run(load_config(profile, overrides, uses=CONTROLLER_SFT_USES, command="world controller-sft"))
     typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 

@@ -1,0 +1,145 @@
+"""The controller SFT stage on a real (tiny) data-engine data set: trains and writes a controller folder, measures
+exact match as greedy constrained decoding would, resumes after a kill, LoRA writes a peft adapter, DAgger adds the
+student's own states, bad config values are one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from clvr import synthesize
+from clvr.config import load_config
+from clvr.learned import train
+from clvr.learned.model import load_controller
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data")
+    cfg = load_config("ci", [f"synthesize.out={out}", "synthesize.generator=noisy-oracle", "synthesize.n_per_tier=3",
+                             "synthesize.shard_size=30"])
+    synthesize.run(cfg, workers=1, log=lambda m: None)
+    return out
+
+
+def cfg_for(data: Path, out: Path, *overrides: str):
+    return load_config("ci", [f"controller_sft.data={data}", f"controller_sft.out={out}", "controller_sft.eval_frac=0.3",
+                              *overrides])
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_controller(folder, 4)[0].state_dict()
+
+
+def test_tiny_run_writes_a_controller_and_its_exact_match_is_greedy_decoding(data, tmp_path):
+    from clvr.learned.controller import greedy_step
+    from clvr.learned.decisions import decision_states, teacher_labels
+    from clvr.learned.grammar import Lexicon
+    from clvr.learned.tokens import decode_step
+    from clvr.loop.controller import WorldController
+    from clvr.trajectories import load_trajectories
+
+    cfg = cfg_for(data, tmp_path / "run", "controller_sft.steps=6", "controller_sft.lr=0.01")
+    res = train.run(cfg)
+    m = res["metrics"]
+    assert m["steps"] == 6 and m["train_examples"] > 100 and m["eval_examples"] > 0 and m["wall_s"] > 0
+    assert 0 <= m["eval_exact_match"] <= 1 and "eval_exact_match_b0" in m and "eval_exact_match_b4" in m
+    assert m["held_out_trajectories"] >= 0 and m["train_trajectories"] + m["eval_trajectories"] + \
+        m["held_out_trajectories"] == m["trajectories"] == 30
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 7))
+    model, tok = load_controller(res["final"], 4)  # the folder the learned controller reads
+
+    # exact match, measured teacher-forced, is exactly "greedy constrained decoding gives the teacher's step"
+    lex, teacher = Lexicon(tok, 4), WorldController(4, 2)
+    trajs = list(load_trajectories(data))[:6]
+    pairs = teacher_labels([s for t in trajs for s in decision_states(t)], teacher, (1, 0))
+    hits = []
+    for q, step in pairs:
+        ids, complete = greedy_step(model, tok, lex, q, 160)
+        ex = train.label_examples([q], teacher, (q.max_calls - q.calls if q.max_calls else 0,), tok, set())
+        assert ex[0].step == json.dumps(step, sort_keys=True)
+        hits.append((complete and decode_step(tok, ids) == step,
+                     train.exact_match(model, lex, ex, tok.pad_token_id)["exact_match"] == 1.0))
+    assert all(a == b for a, b in hits) and any(a for a, _ in hits)
+
+
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
+    over = ("controller_sft.steps=4", "controller_sft.ckpt_every=2")
+    ref = train.run(cfg_for(data, tmp_path / "ref", *over))
+    real_step = train.ControllerTrainer.train_step
+
+    def dying_step(self, pool, start):
+        if self.step == 2:  # after its step-2 checkpoint, as a killed process would
+            raise KeyboardInterrupt
+        return real_step(self, pool, start)
+
+    monkeypatch.setattr(train.ControllerTrainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg_for(data, tmp_path / "run", *over))
+    monkeypatch.setattr(train.ControllerTrainer, "train_step", real_step)
+    assert (tmp_path / "run" / "checkpoints" / "step-000002").is_dir() and not (tmp_path / "run" / "final").exists()
+    res = train.run(cfg_for(data, tmp_path / "run", *over))
+    a, b = weights(Path(ref["final"])), weights(Path(res["final"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == [1, 2, 3, 4]  # nothing lost, nothing twice
+    assert res["metrics"]["train_loss"] == ref["metrics"]["train_loss"]
+
+
+def test_lora_writes_a_merged_controller_and_a_peft_adapter(data, tmp_path):
+    from peft import PeftModel
+
+    init = train.run(cfg_for(data, tmp_path / "full", "controller_sft.steps=2"))["final"]
+    res = train.run(cfg_for(data, tmp_path / "lora", "controller_sft.mode=lora", f"controller_sft.init={init}",
+                            "controller_sft.steps=2", "controller_sft.lr=0.05"))
+    final = Path(res["final"])
+    assert json.loads((final / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    merged, base = weights(final), weights(Path(init))
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert changed and all(k.endswith("proj.weight") for k in changed)  # only the adapted projections moved
+    plain = load_controller(init, 4)[0]
+    with_adapter = PeftModel.from_pretrained(plain, str(final / "adapter")).merge_and_unload()
+    assert all(torch.allclose(with_adapter.state_dict()[k], merged[k], atol=1e-6) for k in changed)
+
+
+def test_dagger_round_adds_the_students_own_states(data, tmp_path):
+    res = train.run(cfg_for(data, tmp_path / "run", "controller_sft.steps=2", "controller_sft.dagger_rounds=1",
+                            "controller_sft.dagger_prompts=5"))
+    m, out = res["metrics"], tmp_path / "run"
+    assert m["steps"] == 4 and m["dagger_r1_states"] > 0 and m["dagger_r1_new_examples"] > 0
+    assert {"dagger_r1_before_exact_match", "dagger_r1_after_exact_match", "dagger_r1_own_exact_match",
+            "dagger_r1_student_pass_b0"} <= set(m)
+    rows = (out / "rounds" / "round-1.jsonl").read_text().splitlines()
+    assert len(rows) == m["dagger_r1_new_examples"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("controller_sft.budgets=[4,-1]", "controller_sft.budgets must be a non-empty list of calls-left budgets >= 0 "
+                                      "(0 = unbounded), got [4, -1]"),
+    ("controller_sft.hidden=130", "controller_sft.hidden must be a multiple of heads (4), got 130"),
+    ("controller_sft.eval_frac=1.0", "controller_sft.eval_frac must be in 0..1 (both excluded), got 1.0"),
+])
+def test_bad_config_value_names_the_key(override, message):
+    from clvr.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config("ci", [override])
+    assert str(e.value) == message
+
+
+def test_cli_bad_input_is_a_one_line_error_exit_2(tmp_path):
+    for args, message in ((["controller_sft.mode=qlora"], "controller_sft.mode must be one of ['full', 'lora'], got 'qlora'"),
+                          ([f"controller_sft.data={tmp_path / 'none'}"], "no trajectory data set at")):
+        p = subprocess.run([sys.executable, "-m", "clvr", "world", "controller-sft", "--profile", "ci",
+                            f"controller_sft.out={tmp_path / 'o'}", *args], cwd=ROOT, capture_output=True, text=True)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.stderr.startswith(f"error: {message}"), p.stderr
