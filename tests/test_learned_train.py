@@ -143,3 +143,18 @@ def test_cli_bad_input_is_a_one_line_error_exit_2(tmp_path):
                             f"controller_sft.out={tmp_path / 'o'}", *args], cwd=ROOT, capture_output=True, text=True)
         assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert p.stderr.startswith(f"error: {message}"), p.stderr
+
+
+def test_batch_encoding_is_encode_example(data):
+    from clvr.learned.decisions import decision_states, teacher_labels
+    from clvr.learned.state import state_text
+    from clvr.learned.tokens import build_tokenizer, encode_example
+    from clvr.loop.controller import WorldController
+    from clvr.trajectories import load_trajectories
+
+    tok = build_tokenizer(4)
+    states = [s for t in load_trajectories(data) for s in decision_states(t)]
+    pairs = [(state_text(q), step) for q, step in teacher_labels(states, WorldController(4, 2), (2, 0))]
+    assert train.encode_examples(tok, pairs) == [encode_example(tok, t, s) for t, s in pairs]
+    with pytest.raises(ValueError, match="outside the controller's vocabulary"):
+        train.encode_examples(tok, [("prompt a mauve circle", {"op": "stop"})])
