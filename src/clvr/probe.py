@@ -259,8 +259,9 @@ def plot_probe(result: dict, path: Path) -> list[str]:
         curves.append(("loop", result["loop"], "s-"))
     for label, r, style in curves:
         tiers = list(r["per_tier"])
+        on_top = dict(zorder=3, markerfacecolor="none", markersize=8) if label.startswith("rewrite") else {}
         ax.plot([r["c_task_per_tier"][t] for t in tiers], [r["per_tier"][t] for t in tiers], style,
-                label=f"{label} (AUC {r['auc']:.1f})")
+                label=f"{label} (AUC {r['auc']:.1f})", **on_top)  # rewrite often equals the loop at 1 call: keep both visible
     ax.set_xlabel("C_task (mean per tier)")
     ax.set_ylabel("pass rate")
     ax.set_ylim(-0.03, 1.03)
