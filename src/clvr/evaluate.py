@@ -7,9 +7,10 @@ tier, AUC, I_eff) on the released distilled model, the 4-NFE generator the loop 
 
 Writes to `cfg.eval.out`: `metrics.json` (`<model>_geneval_<tag>` and `<model>_geneval_overall`, the mean over
 tags, for each evaluated model: base, distilled, sft; `probe_<mode>_auc`, `probe_<mode>_tier<k>` for the modes
-single, loop and (with `eval.rewrite`) rewrite, `probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` +
-`geneval.png` (DVC plots), `samples.png` (the first prompt of each tag per model; green frame = passed),
-`probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the loop).
+single, loop and (with `eval.rewrite`) rewrite, `probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a
+data set DVC versions), `geneval.json` + `geneval.png` (DVC plots), `samples.png` (the first prompt of each tag
+per model; green frame = passed), `probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the
+loop).
 """
 
 from __future__ import annotations

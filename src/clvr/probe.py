@@ -259,14 +259,16 @@ def plot_probe(result: dict, path: Path) -> list[str]:
         curves.append(("loop", result["loop"], "s-"))
     for label, r, style in curves:
         tiers = list(r["per_tier"])
+        # the rewrite curve often equals the loop's at 1 call: drawn on top with open markers, both stay visible
         on_top = dict(zorder=3, markerfacecolor="none", markersize=8) if label.startswith("rewrite") else {}
         ax.plot([r["c_task_per_tier"][t] for t in tiers], [r["per_tier"][t] for t in tiers], style,
-                label=f"{label} (AUC {r['auc']:.1f})", **on_top)  # rewrite often equals the loop at 1 call: keep both visible
+                label=f"{label} (AUC {r['auc']:.1f})", **on_top)
     ax.set_xlabel("C_task (mean per tier)")
     ax.set_ylabel("pass rate")
     ax.set_ylim(-0.03, 1.03)
     cap = result["loop"]["i_eff"]
-    ax.set_title(f"{result['generator']}: single-step{', rewrite' * ('rewrite' in result)} vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
+    modes = "single-step, rewrite" if "rewrite" in result else "single-step"
+    ax.set_title(f"{result['generator']}: {modes} vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
@@ -326,7 +328,8 @@ def tag_summary(rows: list[dict], prompts: list[dict], with_auc: bool = False) -
                for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
     overall = round(float(np.mean(list(per_tag.values()))), 3)
     if not with_auc:
-        return {"overall": overall, "per_tag": per_tag, "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
+        return {"overall": overall, "per_tag": per_tag,
+                "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
                 "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
     for r, md in zip(rows, prompts):
         r["c_task"] = c_task(md)

@@ -5,8 +5,9 @@ Planning choice: the canvas starts blank and every object is placed by its own g
 order of the target layout). Each step then names one cell, so the generator is grounded there (the
 location signal that made edits work, DESIGN §6) and passive verification can check exactly that cell.
 A first ungrounded text-to-image step would put its object at a cell the layout did not choose, and
-single-step text-to-image already fails at 2+ objects. `generate` is the single-step mode's one step. The rewrite mode (the open-loop baseline) plans as the loop
-does and emits the whole plan once, as one multi-op step of every add (`rewrite_step`).
+single-step text-to-image already fails at 2+ objects. `generate` is the single-step mode's one step. The
+rewrite mode (the open-loop baseline) plans as the loop does and emits the whole plan once, as one multi-op
+step of every add (`rewrite_step`).
 
 Policy after each step (`next`):
 * judge passes on the whole canvas -> STOP;
