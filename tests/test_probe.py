@@ -59,7 +59,7 @@ def test_probe_single_vs_loop_on_a_noisy_oracle(tmp_path):
     assert loop["median_c_task_passed"] >= single["median_c_task_passed"]
     assert json.loads((tmp_path / "probe.json").read_text())["loop"]["per_tier"] == loop["per_tier"]
     rows = (tmp_path / "probe_rows.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * 3 * 6
+    assert len(rows) == 3 * 3 * 6  # single, rewrite, loop x 3 tiers x 6 prompts
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -117,10 +117,10 @@ def test_probe_and_geneval_world_report_each_call_budget(tmp_path):
     assert on_disk["budgets"]["2"]["per_tier"] == res["budgets"]["2"]["per_tier"] and "auc" in on_disk["loop"]
     from clvr.probe import plot_probe
 
-    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "loop, ≤ 1 call", "loop, ≤ 2 calls",
-                                                        "loop, unbounded"]  # one curve per budget
+    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "rewrite (1 call, open loop)", "loop, ≤ 1 call",
+                                                        "loop, ≤ 2 calls", "loop, unbounded"]  # one curve per budget
     rows = [json.loads(r) for r in (tmp_path / "a" / "probe_rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
+    assert len(rows) == 5 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
 
     one_op = run_probe(load_config("ci"), OracleGenerator(), n_per_tier=2, tiers=(1, 5, 9), out=tmp_path / "b",
                        log=lambda *_: None, max_calls=[1])
