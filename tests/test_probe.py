@@ -144,3 +144,27 @@ def test_parse_budgets():
     for bad in ("-1", "x", "1.5", ""):
         with pytest.raises(ClvrError, match="not a call budget"):
             parse_budgets([bad])
+
+
+def test_held_out_split_draws_only_held_out_structures():
+    from clvr.probe import probe_prompts
+    from clvr.world.grammar import HELD_OUT_COMPOSITIONS, composition
+
+    prompts = probe_prompts(2, 1000, 4, tiers=(1, 8, 9), split="held_out")
+    assert [p["tier"] for p in prompts] == [8, 8, 9, 9]  # tier 1 has no such prompt: left out
+    assert all(composition(p) in HELD_OUT_COMPOSITIONS for p in prompts)
+    assert composition({"include": [{"class": "circle", "count": 2, "color": "red"},
+                                    {"class": "square", "count": 1, "color": "blue", "position": ["above", 0]},
+                                    {"class": "triangle", "count": 1, "color": "green"}],
+                        "exclude": [{"class": "circle", "count": 3}, {"class": "square", "count": 1,
+                                                                        "color": "yellow"}]}) == "rel+excl+3col"
+    all_split = probe_prompts(2, 1000, 4, tiers=(8,))
+    assert all_split != prompts[:2]  # the held-out split has its own seed stream
+
+
+def test_probe_split_is_checked():
+    from clvr.config import load_config
+    from clvr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.split"):
+        load_config("ci", ["eval.split=heldout"])

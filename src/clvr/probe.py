@@ -46,6 +46,7 @@ from clvr.io import atomic_write_text
 from clvr.judge import is_geneval_layout, judge_image, write_geneval_folder
 
 TIERS = tuple(range(1, 11))
+HELD_OUT_TRIES = 100  # grammar draws per wanted prompt before a tier is left out of the held-out split
 MODES = ("single", "rewrite", "loop")  # the evaluated modes, in the order they run and print
 
 
@@ -106,14 +107,27 @@ def i_eff(generator: Generator) -> float | None:
 
 # ---- prompts ---------------------------------------------------------------------------------------------
 
-def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS) -> list[dict]:
-    """Held-out seeded prompts: `n_per_tier` per tier from the grammar, from the eval seed (not training's)."""
-    from clvr.world.grammar import sample_prompt
+def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS, split: str = "all") -> list[dict]:
+    """Held-out seeded prompts: `n_per_tier` per tier from the grammar, from the eval seed (not training's).
+    split "held_out": only prompts of the structures held out of controller training (`held_out`), drawn from
+    the same grammar by rejection from a seed stream of their own; a tier where none turns up in
+    `HELD_OUT_TRIES` draws per wanted prompt (a low tier has too few objects for the structure) is left out."""
+    from clvr.world.grammar import held_out, sample_prompt
 
     out = []
     for tier in tiers:
-        rng = np.random.default_rng([seed, tier])
-        out += [sample_prompt(tier, rng, grid) for _ in range(n_per_tier)]
+        if split == "all":
+            rng = np.random.default_rng([seed, tier])
+            out += [sample_prompt(tier, rng, grid) for _ in range(n_per_tier)]
+            continue
+        rng, got = np.random.default_rng([seed, tier, 1]), []
+        for _ in range(HELD_OUT_TRIES * n_per_tier):
+            md = sample_prompt(tier, rng, grid)
+            if held_out(md):
+                got.append(md)
+                if len(got) == n_per_tier:
+                    break
+        out += got if len(got) == n_per_tier else []
     return out
 
 
@@ -199,7 +213,9 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
     (default cfg.eval.out); returns the summary."""
     validate(cfg)
     n = n_per_tier or cfg.eval.n_per_tier
-    prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
+    prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers, cfg.eval.split)
+    if not prompts:
+        raise ClvrError(f"eval.split {cfg.eval.split!r}: no prompts of that split in tiers {list(tiers)}")
     capacity = i_eff(generator)  # one backbone, one figure: every mode reports it
     roles = build_roles(cfg)  # the budget is the loop's argument, not the controller's: one controller serves all
     result, rows_all = {}, []
@@ -227,7 +243,7 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
             rows_all += [{**{k: v for k, v in r_.items() if k != "final"}, "mode": "loop", "max_calls": b} for r_ in rows]
     result["auc_ratio"] = round(result["loop"]["auc"] / result["single"]["auc"], 3) if result["single"]["auc"] else None
     result["generator"] = getattr(generator, "name", type(generator).__name__)
-    result["n_per_tier"] = n
+    result["n_per_tier"], result["split"] = n, cfg.eval.split
     out = Path(out or cfg.eval.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probe.json", json.dumps(result, indent=1))
