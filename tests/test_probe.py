@@ -59,7 +59,7 @@ def test_probe_single_vs_loop_on_a_noisy_oracle(tmp_path):
     assert loop["median_c_task_passed"] >= single["median_c_task_passed"]
     assert json.loads((tmp_path / "probe.json").read_text())["loop"]["per_tier"] == loop["per_tier"]
     rows = (tmp_path / "probe_rows.jsonl").read_text().splitlines()
-    assert len(rows) == 2 * 3 * 6
+    assert len(rows) == 3 * 3 * 6  # single, rewrite, loop x 3 tiers x 6 prompts
     assert (tmp_path / "probe.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -117,10 +117,10 @@ def test_probe_and_geneval_world_report_each_call_budget(tmp_path):
     assert on_disk["budgets"]["2"]["per_tier"] == res["budgets"]["2"]["per_tier"] and "auc" in on_disk["loop"]
     from clvr.probe import plot_probe
 
-    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "loop, ≤ 1 call", "loop, ≤ 2 calls",
-                                                        "loop, unbounded"]  # one curve per budget
+    assert plot_probe(on_disk, tmp_path / "p.png") == ["single", "rewrite (1 call, open loop)", "loop, ≤ 1 call",
+                                                        "loop, ≤ 2 calls", "loop, unbounded"]  # one curve per budget
     rows = [json.loads(r) for r in (tmp_path / "a" / "probe_rows.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
+    assert len(rows) == 5 * 3 * 2 and sorted({r.get("max_calls", -1) for r in rows}) == [-1, 1, 2]
 
     one_op = run_probe(load_config("ci"), OracleGenerator(), n_per_tier=2, tiers=(1, 5, 9), out=tmp_path / "b",
                        log=lambda *_: None, max_calls=[1])
@@ -144,3 +144,27 @@ def test_parse_budgets():
     for bad in ("-1", "x", "1.5", ""):
         with pytest.raises(ClvrError, match="not a call budget"):
             parse_budgets([bad])
+
+
+def test_held_out_split_draws_only_held_out_structures():
+    from clvr.probe import probe_prompts
+    from clvr.world.grammar import HELD_OUT_COMPOSITIONS, composition
+
+    prompts = probe_prompts(2, 1000, 4, tiers=(1, 8, 9), split="held_out")
+    assert [p["tier"] for p in prompts] == [8, 8, 9, 9]  # tier 1 has no such prompt: left out
+    assert all(composition(p) in HELD_OUT_COMPOSITIONS for p in prompts)
+    assert composition({"include": [{"class": "circle", "count": 2, "color": "red"},
+                                    {"class": "square", "count": 1, "color": "blue", "position": ["above", 0]},
+                                    {"class": "triangle", "count": 1, "color": "green"}],
+                        "exclude": [{"class": "circle", "count": 3}, {"class": "square", "count": 1,
+                                                                        "color": "yellow"}]}) == "rel+excl+3col"
+    all_split = probe_prompts(2, 1000, 4, tiers=(8,))
+    assert all_split != prompts[:2]  # the held-out split has its own seed stream
+
+
+def test_probe_split_is_checked():
+    from clvr.config import load_config
+    from clvr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.split"):
+        load_config("ci", ["eval.split=heldout"])

@@ -271,6 +271,7 @@ def test_evaluate_stage(trained):
     assert probe["n_per_tier"] == cfg.eval.probe_n_per_tier and probe["generator"].endswith("weights/distilled")
     assert m["probe_loop_auc"] == probe["loop"]["auc"] and m["probe_single_tier10"] == probe["single"]["per_tier"]["10"]
     assert m["probe_i_eff"] == probe["loop"]["i_eff"] == probe["single"]["i_eff"] > 0
+    assert m["probe_rewrite_auc"] == probe["rewrite"]["auc"] and probe["rewrite"]["calls_mean"] == 1.0  # eval.rewrite
     assert json.loads((tmp / "eval" / "metrics.json").read_text()) == pytest.approx(m)
 
 

@@ -415,7 +415,8 @@ class LoopCfg:
     max_calls: int = 0
     k_success: str = ""
     retries_per_step: int = 2
-    controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator)
+    controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator): world | openai | learned
+    controller_model: str = ""  # the learned controller's checkpoint folder ("" = <controller_sft.out>/final)
     verifier: str = "world"
     generator: str = "world"
     model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle
@@ -453,6 +454,9 @@ class ControllerCfg:
         need_all(self, name, "max_retries backoff_s max_history temperature", at_least(0), ">= 0")
 
 
+PROBE_SPLITS = ("all", "held_out")
+
+
 @dataclass
 class EvalCfg:
     out: str = "runs/eval"
@@ -464,9 +468,15 @@ class EvalCfg:
     speed_n: int = 10  # prompts per row in `clvr eval speed` (one at a time: latency)
     speed_batch: int = 64  # prompts per row run together in `clvr eval speed` (throughput); 0 = skip
     probe_n_per_tier: int = 20  # the `evaluate` stage's probe (single step vs loop) on the last generator
+    rewrite: bool = True  # probe / geneval-world also run the open-loop rewrite baseline (1 call per prompt)
+    # the probe's prompts: "all" (every structure the grammar makes) or "held_out" (only the structures held out
+    # of the learned controller's training, clvr.world.grammar.HELD_OUT_COMPOSITIONS; tiers without one are skipped)
+    split: str = "all"
 
     def check(self, name: str) -> None:
         need(nonempty(self.out), f"{name}.out", "a folder", self.out)
+        need(isinstance(self.rewrite, bool), f"{name}.rewrite", "true or false", self.rewrite)
+        need(self.split in PROBE_SPLITS, f"{name}.split", f"one of {list(PROBE_SPLITS)}", self.split)
         need_all(self, name, "n_per_tier probe_n_per_tier geneval_n speed_n batch_size suite_samples",
                  at_least(1), ">= 1")
         need(self.speed_batch >= 0, f"{name}.speed_batch", ">= 0 (0 = no batched columns)", self.speed_batch)

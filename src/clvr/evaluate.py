@@ -2,14 +2,15 @@
 `weights.distilled`: the shipped ones or registry-pinned folders) and the SFT model (`<sft.out>/final`, once the
 sft stage made it), on the six GenEval suites in world vocabulary, single step (one text-to-image call per prompt),
 judged by the GenEval-format judge against each prompt's own metadata; then the semantic-complexity probe (single
-step vs the closed loop over the 10 tiers: pass rate per tier, AUC, I_eff) on the released distilled model, the
-4-NFE generator the loop runs by default (`loop.model`).
+step vs the closed loop over the 10 tiers, and the open-loop rewrite baseline with `eval.rewrite`: pass rate per
+tier, AUC, I_eff) on the released distilled model, the 4-NFE generator the loop runs by default (`loop.model`).
 
 Writes to `cfg.eval.out`: `metrics.json` (`<model>_geneval_<tag>` and `<model>_geneval_overall`, the mean over
-tags, for each evaluated model: base, distilled, sft; `probe_<mode>_auc`, `probe_<mode>_tier<k>`,
-`probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a data set DVC versions), `geneval.json` +
-`geneval.png` (DVC plots), `samples.png` (the first prompt of each tag per model; green frame = passed),
-`probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the loop).
+tags, for each evaluated model: base, distilled, sft; `probe_<mode>_auc`, `probe_<mode>_tier<k>` for the modes
+single, loop and (with `eval.rewrite`) rewrite, `probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a
+data set DVC versions), `geneval.json` + `geneval.png` (DVC plots), `samples.png` (the first prompt of each tag
+per model; green frame = passed), `probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the
+loop).
 """
 
 from __future__ import annotations
@@ -94,11 +95,11 @@ def probe_metrics(cfg: Config, generator, out: Path) -> dict[str, float]:
     """The probe (probe.json, probe.png) and a tier-10 filmstrip of the loop; flat metrics for MLflow/DVC."""
     from clvr.loop.run import build_roles, run_loop
     from clvr.loop.trace import filmstrip
-    from clvr.probe import probe_prompts, run_probe
+    from clvr.probe import MODES, probe_prompts, run_probe
 
     res = run_probe(cfg, generator, cfg.eval.probe_n_per_tier, out=out, log=lambda m: print(f"[evaluate] probe {m}"))
     metrics = {"probe_auc_ratio": res["auc_ratio"] or 0.0, "probe_i_eff": res["loop"]["i_eff"] or 0.0}
-    for mode in ("single", "loop"):
+    for mode in (m for m in MODES if m in res):
         metrics[f"probe_{mode}_auc"] = res[mode]["auc"]
         metrics.update({f"probe_{mode}_tier{t}": v for t, v in res[mode]["per_tier"].items()})
     md = probe_prompts(1, cfg.eval.seed + 1, cfg.world.grid, tiers=[10])[0]

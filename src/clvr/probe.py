@@ -1,15 +1,20 @@
 """Evaluation of the loop against single-step generation with the same backbone.
 
-* `run_probe`: the complexity probe. Held-out seeded prompts at each of the 10 tiers, generated in both
-  modes and judged against their own metadata: per-tier pass rate, AUC Pass, median C_task of passed
+* `run_probe`: the complexity probe. Held-out seeded prompts at each of the 10 tiers, generated in each
+  mode and judged against their own metadata: per-tier pass rate, AUC Pass, median C_task of passed
   prompts, I_eff, NFEs, generator calls and seconds per prompt.
-* `run_geneval_world`: the six GenEval suites in world vocabulary, both modes, judged.
+* `run_geneval_world`: the six GenEval suites in world vocabulary, each mode, judged.
+
+Modes: "single" (one text-to-image call), "loop" (the closed loop at the config's budget) and, with
+`eval.rewrite`, "rewrite": the open-loop rewrite baseline (the controller rewrites the prompt once into one
+grounded step of every object, the generator runs once, nothing is verified or corrected; clvr.loop.run).
+Each is its own row of the result.
 * `run_speed`: the efficiency table: 1-4 loop iterations x (base at 28 steps + CFG, distilled at 4 NFE).
 
 Call budgets. The probe and geneval-world also run the loop at each of `max_calls` budgets (generator calls
 per prompt, 0 = unbounded; `loop.max_calls`), with the budget-aware controller, and report each budget's
-pass rate and AUC under "budgets" (keys "1", "2", ..., "unbounded"). "single" and "loop" (the loop at the
-config's own budget) stay as they were; a budget equal to the config's reuses the "loop" run.
+pass rate and AUC under "budgets" (keys "1", "2", ..., "unbounded"). The mode rows stay as they were; a
+budget equal to the config's reuses the "loop" run. The rewrite row is the open-loop counterpart of budget "1".
 
 AUC Pass. For tier t let c_t be the mean C_task of its prompts and p_t its pass rate. Then
     AUC = 100 * sum_t (c_{t+1} - c_t) * (p_t + p_{t+1}) / 2  /  (c_T - c_1),
@@ -41,7 +46,13 @@ from clvr.io import atomic_write_text
 from clvr.judge import is_geneval_layout, judge_image, write_geneval_folder
 
 TIERS = tuple(range(1, 11))
-MODES = ("single", "loop")
+HELD_OUT_TRIES = 100  # grammar draws per wanted prompt before a tier is left out of the held-out split
+MODES = ("single", "rewrite", "loop")  # the evaluated modes, in the order they run and print
+
+
+def eval_modes(cfg: Config) -> tuple[str, ...]:
+    """The modes the probe and geneval-world run: all of MODES, "rewrite" only with `eval.rewrite`."""
+    return tuple(m for m in MODES if m != "rewrite" or cfg.eval.rewrite)
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 
 
@@ -96,14 +107,27 @@ def i_eff(generator: Generator) -> float | None:
 
 # ---- prompts ---------------------------------------------------------------------------------------------
 
-def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS) -> list[dict]:
-    """Held-out seeded prompts: `n_per_tier` per tier from the grammar, from the eval seed (not training's)."""
-    from clvr.world.grammar import sample_prompt
+def probe_prompts(n_per_tier: int, seed: int, grid: int, tiers=TIERS, split: str = "all") -> list[dict]:
+    """Held-out seeded prompts: `n_per_tier` per tier from the grammar, from the eval seed (not training's).
+    split "held_out": only prompts of the structures held out of controller training (`held_out`), drawn from
+    the same grammar by rejection from a seed stream of their own; a tier where none turns up in
+    `HELD_OUT_TRIES` draws per wanted prompt (a low tier has too few objects for the structure) is left out."""
+    from clvr.world.grammar import held_out, sample_prompt
 
     out = []
     for tier in tiers:
-        rng = np.random.default_rng([seed, tier])
-        out += [sample_prompt(tier, rng, grid) for _ in range(n_per_tier)]
+        if split == "all":
+            rng = np.random.default_rng([seed, tier])
+            out += [sample_prompt(tier, rng, grid) for _ in range(n_per_tier)]
+            continue
+        rng, got = np.random.default_rng([seed, tier, 1]), []
+        for _ in range(HELD_OUT_TRIES * n_per_tier):
+            md = sample_prompt(tier, rng, grid)
+            if held_out(md):
+                got.append(md)
+                if len(got) == n_per_tier:
+                    break
+        out += got if len(got) == n_per_tier else []
     return out
 
 
@@ -112,9 +136,11 @@ def judge_final(metadata: dict, image: np.ndarray) -> bool:
     return bool(judge_image(metadata, image)[0])
 
 
-def run_mode(cfg: Config, generator: Generator, prompts: list[dict], mode: str, seed: int) -> list[dict]:
-    """Generate every prompt in one mode (batched across prompts); one row per prompt."""
-    controller, verifier = build_roles(cfg)
+def run_mode(cfg: Config, generator: Generator, prompts: list[dict], mode: str, seed: int,
+             roles: tuple | None = None) -> list[dict]:
+    """Generate every prompt in one mode (batched across prompts); one row per prompt. `roles`: the
+    (controller, verifier) to use (default: built from the config)."""
+    controller, verifier = roles or build_roles(cfg)
     traces = run_many([(md["prompt"], seed + i) for i, md in enumerate(prompts)], controller, generator,
                       verifier, cfg.loop, mode, cfg.world.grid, cfg.world.cell, cfg.eval.batch_size)
     rows = []
@@ -181,19 +207,23 @@ def summarize(rows: list[dict], capacity: float | None) -> dict:
 
 def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, tiers=TIERS,
               out: str | Path | None = None, log=print, max_calls: list[int] | None = None) -> dict:
-    """Single-step vs loop on the same held-out prompts and the same generator, and the loop at each call
-    budget in `max_calls` (0 = unbounded; see the module docstring). Writes probe.json, probe_rows.jsonl
-    (budget runs' rows carry "max_calls") and probe.png under `out` (default cfg.eval.out); returns the summary."""
+    """Single-step vs loop (and the rewrite baseline, with `eval.rewrite`) on the same held-out prompts and the
+    same generator, and the loop at each call budget in `max_calls` (0 = unbounded; see the module docstring).
+    Writes probe.json, probe_rows.jsonl (budget runs' rows carry "max_calls") and probe.png under `out`
+    (default cfg.eval.out); returns the summary."""
     validate(cfg)
     n = n_per_tier or cfg.eval.n_per_tier
-    prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers)
-    capacity = i_eff(generator)  # one backbone, one figure: both modes report it
+    prompts = probe_prompts(n, cfg.eval.seed, cfg.world.grid, tiers, cfg.eval.split)
+    if not prompts:
+        raise ClvrError(f"eval.split {cfg.eval.split!r}: no prompts of that split in tiers {list(tiers)}")
+    capacity = i_eff(generator)  # one backbone, one figure: every mode reports it
+    roles = build_roles(cfg)  # the budget is the loop's argument, not the controller's: one controller serves all
     result, rows_all = {}, []
-    for mode in MODES:
+    for mode in eval_modes(cfg):
         t = time.perf_counter()
-        rows = run_mode(cfg, generator, prompts, mode, cfg.eval.seed)
+        rows = run_mode(cfg, generator, prompts, mode, cfg.eval.seed, roles)
         result[mode] = summarize(rows, capacity)
-        log(f"{mode:>6}: auc {result[mode]['auc']:.1f}  pass/tier {list(result[mode]['per_tier'].values())}  "
+        log(f"{mode:>7}: auc {result[mode]['auc']:.1f}  pass/tier {list(result[mode]['per_tier'].values())}  "
             f"{result[mode]['calls_mean']:.2f} calls  {result[mode]['s_per_prompt']:.3f} s/prompt  "
             f"({time.perf_counter() - t:.1f} s)")
         rows_all += [{**{k: v for k, v in r.items() if k != "final"}, "mode": mode} for r in rows]
@@ -205,7 +235,7 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
                 result["budgets"][label] = result["loop"]
                 continue
             t = time.perf_counter()
-            rows = run_mode(with_budget(cfg, b), generator, prompts, "loop", cfg.eval.seed)
+            rows = run_mode(with_budget(cfg, b), generator, prompts, "loop", cfg.eval.seed, roles)
             result["budgets"][label] = summarize(rows, capacity)
             r = result["budgets"][label]
             log(f"loop, max {label} calls: auc {r['auc']:.1f}  pass {r['pass']:.3f}  pass/tier "
@@ -213,7 +243,7 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
             rows_all += [{**{k: v for k, v in r_.items() if k != "final"}, "mode": "loop", "max_calls": b} for r_ in rows]
     result["auc_ratio"] = round(result["loop"]["auc"] / result["single"]["auc"], 3) if result["single"]["auc"] else None
     result["generator"] = getattr(generator, "name", type(generator).__name__)
-    result["n_per_tier"] = n
+    result["n_per_tier"], result["split"] = n, cfg.eval.split
     out = Path(out or cfg.eval.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "probe.json", json.dumps(result, indent=1))
@@ -224,8 +254,8 @@ def run_probe(cfg: Config, generator: Generator, n_per_tier: int | None = None, 
 
 
 def plot_probe(result: dict, path: Path) -> list[str]:
-    """Pass rate vs C_task: single step, and the loop at each call budget (or the config's loop); returns
-    the curves' labels."""
+    """Pass rate vs C_task: single step, the rewrite baseline (when run), and the loop at each call budget (or
+    the config's loop); returns the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,6 +263,8 @@ def plot_probe(result: dict, path: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     curves = [("single", result["single"], "o--")]
+    if "rewrite" in result:
+        curves.append(("rewrite (1 call, open loop)", result["rewrite"], "^-."))
     if result.get("budgets"):  # one curve per call budget (the config's own loop is one of them or drawn too)
         labels = list(result["budgets"])
         curves += [("loop, " + (b if b == "unbounded" else f"≤ {b} call{'s' * (b != '1')}"), result["budgets"][b], "s-")
@@ -243,13 +275,16 @@ def plot_probe(result: dict, path: Path) -> list[str]:
         curves.append(("loop", result["loop"], "s-"))
     for label, r, style in curves:
         tiers = list(r["per_tier"])
+        # the rewrite curve often equals the loop's at 1 call: drawn on top with open markers, both stay visible
+        on_top = dict(zorder=3, markerfacecolor="none", markersize=8) if label.startswith("rewrite") else {}
         ax.plot([r["c_task_per_tier"][t] for t in tiers], [r["per_tier"][t] for t in tiers], style,
-                label=f"{label} (AUC {r['auc']:.1f})")
+                label=f"{label} (AUC {r['auc']:.1f})", **on_top)
     ax.set_xlabel("C_task (mean per tier)")
     ax.set_ylabel("pass rate")
     ax.set_ylim(-0.03, 1.03)
     cap = result["loop"]["i_eff"]
-    ax.set_title(f"{result['generator']}: single-step vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
+    modes = "single-step, rewrite" if "rewrite" in result else "single-step"
+    ax.set_title(f"{result['generator']}: {modes} vs loop (I_eff {cap if cap is not None else 'n/a'})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
@@ -264,51 +299,60 @@ def plot_probe(result: dict, path: Path) -> list[str]:
 
 def run_geneval_world(cfg: Config, generator: Generator, n_per_tag: int | None = None,
                       out: str | Path | None = None, log=print, max_calls: list[int] | None = None) -> dict:
-    """The six GenEval suites through generation + the judge, in both modes. Also writes each mode's images
-    in GenEval's folder layout (out/geneval-world/<mode>/NNNNN/{metadata.jsonl,samples/0000.png}) so
-    `clvr eval geneval` can score them independently. With `max_calls`, the loop also runs at each call
-    budget: "budgets" holds each one's overall and per-tag pass, pass over all prompts, and AUC over the
-    prompts' C_task tiers (as the probe computes it); their images are not written."""
-    from clvr.world.grammar import c_task, geneval_suite, tier_of
+    """The six GenEval suites through generation + the judge, in each mode (single, loop and, with
+    `eval.rewrite`, the rewrite baseline). Also writes each mode's images in GenEval's folder layout
+    (out/geneval-world/<mode>/NNNNN/{metadata.jsonl,samples/0000.png}) so `clvr eval geneval` can score them
+    independently. With `max_calls`, the loop also runs at each call budget: "budgets" holds each one's overall
+    and per-tag pass, pass over all prompts, and AUC over the prompts' C_task tiers (as the probe computes it);
+    their images are not written. The rewrite row has the budget rows' fields (it is a 1-call run)."""
+    from clvr.world.grammar import geneval_suite
 
     n = n_per_tag or cfg.eval.geneval_n
     prompts = []
     for k, tag in enumerate(GENEVAL_TAGS):
         prompts += [dict(md, tag=md.get("tag", tag)) for md in geneval_suite(tag, n, np.random.default_rng([cfg.eval.seed, 7, k]))]
     root = Path(out or cfg.eval.out) / "geneval-world"
+    roles = build_roles(cfg)
     result: dict = {}
-    for mode in MODES:
-        rows = run_mode(cfg, generator, prompts, mode, cfg.eval.seed)
-        per_tag = {tag: round(float(np.mean([r["passed"] for r in rows if r["tag"] == tag])), 3)
-                   for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
-        result[mode] = {"overall": round(float(np.mean(list(per_tag.values()))), 3), "per_tag": per_tag,
-                        "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
-                        "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
-        log(f"{mode:>6}: overall {result[mode]['overall']:.3f}  {per_tag}")
+    by_mode: dict[str, list[dict]] = {}
+    for mode in eval_modes(cfg):
+        rows = by_mode[mode] = run_mode(cfg, generator, prompts, mode, cfg.eval.seed, roles)
+        result[mode] = tag_summary(rows, prompts, with_auc=mode == "rewrite")
+        log(f"{mode:>7}: overall {result[mode]['overall']:.3f}  {result[mode]['per_tag']}")
         write_geneval_folder(root / mode, prompts, [[r["final"]] for r in rows], "eval geneval-world",
                              is_geneval_layout)
-    loop_rows = rows  # MODES ends with "loop": the config's own budget
     if max_calls:
         result["budgets"] = {}
         for b in max_calls:
-            rows = loop_rows if b == cfg.loop.max_calls else run_mode(with_budget(cfg, b), generator, prompts,
-                                                                      "loop", cfg.eval.seed)
-            for r, md in zip(rows, prompts):
-                r["c_task"] = c_task(md)
-                r["tier"] = tier_of(r["c_task"])
-            per_tag = {tag: round(float(np.mean([r["passed"] for r in rows if r["tag"] == tag])), 3)
-                       for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
-            s = summarize(rows, None)
+            rows = by_mode["loop"] if b == cfg.loop.max_calls else run_mode(with_budget(cfg, b), generator, prompts,
+                                                                            "loop", cfg.eval.seed, roles)
             label = budget_label(b)
-            result["budgets"][label] = {"overall": round(float(np.mean(list(per_tag.values()))), 3), "pass": s["pass"],
-                                        "auc": s["auc"], "per_tag": per_tag, "calls_mean": s["calls_mean"],
-                                        "s_per_prompt": s["s_per_prompt"]}
-            log(f"loop, max {label} calls: overall {result['budgets'][label]['overall']:.3f}  auc {s['auc']:.1f}  "
-                f"{s['calls_mean']:.2f} calls")
+            r = result["budgets"][label] = tag_summary(rows, prompts, with_auc=True)
+            log(f"loop, max {label} calls: overall {r['overall']:.3f}  auc {r['auc']:.1f}  {r['calls_mean']:.2f} calls")
     result["generator"] = getattr(generator, "name", type(generator).__name__)
     result["n_per_tag"] = n
     atomic_write_text(root / "summary.json", json.dumps(result, indent=1))
     return result
+
+
+def tag_summary(rows: list[dict], prompts: list[dict], with_auc: bool = False) -> dict:
+    """GenEval's scores of one run: pass per tag and `overall` (their mean), calls and seconds per prompt; with
+    `with_auc`, also pass over all prompts and AUC over the prompts' C_task tiers (as the probe computes it)."""
+    from clvr.world.grammar import c_task, tier_of
+
+    per_tag = {tag: round(float(np.mean([r["passed"] for r in rows if r["tag"] == tag])), 3)
+               for tag in GENEVAL_TAGS if any(r["tag"] == tag for r in rows)}
+    overall = round(float(np.mean(list(per_tag.values()))), 3)
+    if not with_auc:
+        return {"overall": overall, "per_tag": per_tag,
+                "calls_mean": round(float(np.mean([r["calls"] for r in rows])), 3),
+                "s_per_prompt": round(float(np.mean([r["seconds"] for r in rows])), 4)}
+    for r, md in zip(rows, prompts):
+        r["c_task"] = c_task(md)
+        r["tier"] = tier_of(r["c_task"])
+    s = summarize(rows, None)
+    return {"overall": overall, "pass": s["pass"], "auc": s["auc"], "per_tag": per_tag, "calls_mean": s["calls_mean"],
+            "s_per_prompt": s["s_per_prompt"]}
 
 
 # ---- efficiency table ----------------------------------------------------------------------------------

@@ -88,6 +88,12 @@ def encode_png_data_url(canvas: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+NEXT_STEP = "What is the next step?"
+REWRITE_STEP = ("This is the only step: the generator runs once on this blank canvas and nothing is checked or "
+                "corrected after it. Reply with one step that places every object of the prompt: an edit whose "
+                "ops add them all at their cells (one add when there is one object).")
+
+
 def system_text(grid: int) -> str:
     """The controller's standing instructions, written from the schema and the vocabulary."""
     ops = "\n".join(f"- {op}: " + (", ".join(args) if args else "no arguments") for op, args in OP_ARGS.items())
@@ -159,12 +165,13 @@ class OpenAIController:
         self.close()
 
     # ---- the request -------------------------------------------------------------------------------------
-    def request_body(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None) -> dict:
-        """The chat-completions request (no credentials in it)."""
+    def request_body(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
+                     ask: str = NEXT_STEP) -> dict:
+        """The chat-completions request (no credentials in it); `ask` is its last sentence."""
         text = (f"Prompt: {json.dumps(prompt)}\n"
                 f"Steps so far:\n{history_text(history, self.cfg.max_history)}\n"
                 f"Latest report on the whole canvas: {_report_text(report)}\n"
-                "The current canvas is attached. What is the next step?")
+                f"The current canvas is attached. {ask}")
         return {
             "model": self.cfg.model,
             "messages": [
@@ -180,9 +187,10 @@ class OpenAIController:
             "temperature": self.cfg.temperature,
         }
 
-    def propose(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None) -> Step:
+    def propose(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
+                ask: str = NEXT_STEP) -> Step:
         """Ask for the next step; retry what a retry may fix; raise VLMControllerError when none is valid."""
-        body = json.dumps(self.request_body(prompt, canvas, history, report)).encode()
+        body = json.dumps(self.request_body(prompt, canvas, history, report, ask)).encode()
         last, tried = "", 0
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):

@@ -16,6 +16,9 @@ from clvr.errors import ClvrError
 ModelOpt = typer.Option(None, "--model", "-m",
                         help="base | distilled | checkpoint folder | oracle | noisy-oracle (default: config loop.model)")
 SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
+ControllerOpt = typer.Option(None, "--controller",
+                             help="controller registry key: world | openai | learned (default: config loop.controller; "
+                                  "the same as --set loop.controller=KEY)")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
 GENERATE_USES = ("world", "loop", "controller")
 EVAL_USES = ("world", "loop", "controller", "eval")
@@ -31,10 +34,18 @@ def _budgets(values: list[str]) -> list[int]:
     return [] if [v.strip().lower() for v in values] == ["off"] else parse_budgets(values)
 
 
-def _cfg(profile: str, overrides: list[str] | None, uses: tuple[str, ...], command: str):
+def _cfg(profile: str, overrides: list[str] | None, uses: tuple[str, ...], command: str,
+         controller: str | None = None):
+    """The config, with `--controller` as the last override; an unknown controller key fails here, before any
+    weights load."""
     from clvr.config import load_config
+    from clvr.loop.run import check_controller
 
-    return load_config(profile, overrides, uses=uses, command=command)
+    if controller is not None:
+        overrides = [*(overrides or []), f"loop.controller={controller}"]
+    cfg = load_config(profile, overrides, uses=uses, command=command)
+    check_controller(cfg.loop.controller)
+    return cfg
 
 
 def _earlier_trace(out: Path) -> bool:
@@ -58,19 +69,21 @@ def _load(cfg, model: str):
 @app.command("generate")
 def generate(prompt: str = typer.Argument(..., help="what to draw, e.g. \"a red circle above a blue square\""),
              out: Path = typer.Option(Path("runs/generate"), "--out", "-o", help="output folder"),
-             mode: str = typer.Option("loop", "--mode", help="loop (plan-generate-verify-correct) or single (one call)"),
-             model: Optional[str] = ModelOpt,
+             mode: str = typer.Option("loop", "--mode", help="loop (plan-generate-verify-correct), single (one "
+                                      "text-to-image call) or rewrite (the prompt rewritten once into one grounded "
+                                      "step of every object, one call, no verification)"),
+             model: Optional[str] = ModelOpt, controller: Optional[str] = ControllerOpt,
              seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED, help="layout and sampling seed"),
              profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
     """Generate one image: writes final.png, filmstrip.png (every step with its caption) and trace.json.
     OUT is replaced whole (never mixed with an earlier trace); a folder generate did not make is refused."""
     from clvr.io import claim_dir, replace_own_dir
+    from clvr.loop.controller import check_mode
     from clvr.loop.run import build_roles, run_loop
     from clvr.loop.trace import filmstrip
 
-    cfg = _cfg(profile, overrides, GENERATE_USES, "generate")
-    if mode not in ("loop", "single"):
-        raise ClvrError(f"unknown mode '{mode}' (known: loop, single)")
+    cfg = _cfg(profile, overrides, GENERATE_USES, "generate", controller)
+    check_mode(mode)
     claim_dir(out, "generate", _earlier_trace, "--out")  # before any work
     controller, verifier = build_roles(cfg)
     controller.plan(prompt, "loop", seed)  # a bad prompt (also unsatisfiable) fails here, before weights load
@@ -88,17 +101,18 @@ def generate(prompt: str = typer.Argument(..., help="what to draw, e.g. \"a red 
 
 @eval_app.command("probe")
 def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", min=1, help="prompts per tier (default: config eval.n_per_tier)"),
-          model: Optional[str] = ModelOpt,
+          model: Optional[str] = ModelOpt, controller: Optional[str] = ControllerOpt,
           out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
           max_calls: List[str] = MaxCallsOpt,
           profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """Complexity probe: single-step vs loop over the 10 tiers (pass rate, AUC, I_eff, NFE, s/prompt), and
-    the loop at each call budget of --max-calls. Last line: one JSON object with `single`, `loop` and `budgets`."""
+    """Complexity probe: single-step vs loop over the 10 tiers (pass rate, AUC, I_eff, NFE, s/prompt), the
+    open-loop rewrite baseline (config eval.rewrite), and the loop at each call budget of --max-calls. Last line:
+    one JSON object with `single`, `rewrite`, `loop` and `budgets`."""
     from clvr.probe import run_probe
 
     from clvr.io import check_out_dir
 
-    cfg = _cfg(profile, overrides, EVAL_USES, "eval probe")
+    cfg = _cfg(profile, overrides, EVAL_USES, "eval probe", controller)
     budgets = _budgets(max_calls)
     check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_probe(cfg, _load(cfg, model or cfg.loop.model), n_per_tier, out=out, log=typer.echo, max_calls=budgets)
@@ -108,17 +122,18 @@ def probe(n_per_tier: Optional[int] = typer.Option(None, "--n-per-tier", "-n", m
 
 @eval_app.command("geneval-world")
 def geneval_world(n: Optional[int] = typer.Option(None, "--n", "-n", min=1, help="prompts per GenEval tag (default: config eval.geneval_n)"),
-                  model: Optional[str] = ModelOpt,
+                  model: Optional[str] = ModelOpt, controller: Optional[str] = ControllerOpt,
                   out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: config eval.out)"),
                   max_calls: List[str] = MaxCallsOpt,
                   profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt) -> None:
-    """The six GenEval suites in world vocabulary through generation + the judge, single-step and loop, and
-    the loop at each call budget of --max-calls. Last line: one JSON object."""
+    """The six GenEval suites in world vocabulary through generation + the judge, single-step, the open-loop
+    rewrite baseline (config eval.rewrite) and loop, and the loop at each call budget of --max-calls. Last line:
+    one JSON object."""
     from clvr.probe import run_geneval_world
 
     from clvr.io import check_out_dir
 
-    cfg = _cfg(profile, overrides, EVAL_USES, "eval geneval-world")
+    cfg = _cfg(profile, overrides, EVAL_USES, "eval geneval-world", controller)
     budgets = _budgets(max_calls)
     check_out_dir(out or Path(cfg.eval.out), "--out")  # before the generator loads
     res = run_geneval_world(cfg, _load(cfg, model or cfg.loop.model), n, out=out, log=typer.echo, max_calls=budgets)

@@ -5,7 +5,9 @@ Planning choice: the canvas starts blank and every object is placed by its own g
 order of the target layout). Each step then names one cell, so the generator is grounded there (the
 location signal that made edits work, DESIGN §6) and passive verification can check exactly that cell.
 A first ungrounded text-to-image step would put its object at a cell the layout did not choose, and
-single-step text-to-image already fails at 2+ objects. `generate` is the single-step mode's one step.
+single-step text-to-image already fails at 2+ objects. `generate` is the single-step mode's one step. The
+rewrite mode (the open-loop baseline) plans as the loop does and emits the whole plan once, as one multi-op
+step of every add (`rewrite_step`).
 
 Policy after each step (`next`):
 * judge passes on the whole canvas -> STOP;
@@ -38,7 +40,7 @@ from functools import lru_cache
 import numpy as np
 
 from clvr.errors import ClvrError
-from clvr.loop.roles import LoopState, Plan, register_controller
+from clvr.loop.roles import MODES, LoopState, Plan, register_controller
 from clvr.loop.verify import scene_diff
 from clvr.steps import Step
 from clvr.world.scene import Scene
@@ -186,11 +188,11 @@ class WorldController:
 
     def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
         """Parse and solve (bad prompt -> ClvrError naming the problem), then plan the steps. Single-step
-        mode only parses: it has no use for a layout (its target is empty)."""
+        mode only parses: it has no use for a layout (its target is empty). Rewrite mode plans as the loop does
+        (the same target and steps); only `next` differs."""
         from clvr.world.parser import parse
 
-        if mode not in ("loop", "single"):
-            raise ClvrError(f"unknown mode '{mode}' (known: loop, single)")
+        check_mode(mode)
         prompt = check_prompt(prompt, self.max_prompt_chars)
         if mode == "single":
             return Plan(prompt, parse(prompt), Scene((), self.grid), [{"op": "generate", "prompt": prompt}], mode)
@@ -200,6 +202,8 @@ class WorldController:
     def next(self, state: LoopState) -> dict:
         if state.plan.mode == "single":
             return STOP if state.calls else dict(state.plan.steps[0])
+        if state.plan.mode == "rewrite":
+            return rewrite_step(state)
         if state.active is not None and state.active["ok"]:
             return STOP
         from clvr.loop.run import transition_error
@@ -215,6 +219,20 @@ class WorldController:
                 k = ops_per_call(len(todo), calls_left, self.k_success)
                 return group(ready, k, state.scene)
         return STOP  # nothing left worth trying: the loop ends and reports the judge's verdict
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ClvrError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+
+
+def rewrite_step(state: LoopState) -> dict:
+    """The open-loop rewrite of the prompt (mode "rewrite"): every add of the plan, i.e. the whole target layout
+    on the blank canvas, as one step (one multi-op edit; a bare add for one object), asked once; STOP after."""
+    todo = corrections(Scene((), state.plan.target.grid), state.plan.target)
+    if state.calls or not todo:
+        return dict(STOP)
+    return group(todo, len(todo), state.scene)
 
 
 def group(ready: list[Step], k: int, scene: Scene) -> dict:

@@ -13,6 +13,12 @@ import numpy as np
 from clvr.registry import Registry
 from clvr.world.scene import Scene
 
+# How the loop runs a prompt (`clvr.loop.run.loop`): "loop" = plan, generate, verify, correct, stop;
+# "single" = one text-to-image call, no gate (the single-step baseline); "rewrite" = the open-loop rewrite
+# baseline: the controller is asked once, on the blank canvas with a budget of 1 call, and rewrites the prompt
+# into one grounded step (a layout of every object); the generator runs once, no gate, no correction.
+MODES = ("loop", "single", "rewrite")
+
 
 @dataclass
 class Plan:
@@ -22,7 +28,7 @@ class Plan:
     metadata: dict  # GenEval-format constraints
     target: Scene  # a layout satisfying them
     steps: list[dict]  # the planned steps, as the controller would emit them
-    mode: str = "loop"  # "loop" or "single"
+    mode: str = "loop"  # one of MODES
 
 
 @dataclass

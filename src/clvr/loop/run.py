@@ -14,6 +14,12 @@ Guards, in the loop itself (a controller cannot get past them):
 * a step that fails passive verification is undone (the canvas stays the previous one); the controller
   then decides to retry it (every call gets a new seed) or to correct.
 
+Modes (clvr.loop.roles.MODES): "loop" as above; "single" (the single-step baseline: the controller's one
+text-to-image step, kept whatever passive verification says); "rewrite" (the open-loop rewrite baseline: the
+controller is asked once, on the blank canvas with `state.max_calls` = 1 whatever `budget.max_calls` is, and
+rewrites the prompt into one grounded step; the generator runs once, its output is kept ungated, and the loop
+ends; a rejected rewrite is not asked again, so the blank canvas is judged).
+
 A multi-op step is one generator call (its joined instruction, all its cells as regions). When only some
 of its ops pass, the step is *partly kept* (`keep_parts`): the new canvas is the previous one with the
 cells of the ops that passed taken from the output, and every other pixel kept. Why not undo it all: a
@@ -37,9 +43,11 @@ from typing import Generator as Coroutine, Iterable
 import numpy as np
 
 from clvr.config import Config, LoopCfg
+from clvr.errors import ClvrError
 from clvr.generator import GenRequest, GenResult, Generator
 from clvr.loop.controller import step_key
-from clvr.loop.roles import Controller, LoopState, Perception, Verifier, make_controller, make_verifier
+from clvr.loop.roles import (CONTROLLERS, Controller, LoopState, Perception, Verifier, make_controller,
+                             make_verifier)
 from clvr.loop.trace import StepRecord, Trace
 from clvr.registry import ORACLES, check_model_name
 from clvr.steps import SchemaError, Step
@@ -85,7 +93,9 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
                   target=plan.target.to_list(), plan=plan.steps)
     canvas = blank(grid, cell)
     seen = verifier.perceive(canvas)  # each canvas is detected once; both verifications reuse it
-    state = LoopState(plan, seen.scene, canvas, active=verifier.active(seen, plan), max_calls=budget.max_calls)
+    rewrite = mode == "rewrite"  # open loop: one controller output, one call, no gate
+    max_calls = 1 if rewrite else budget.max_calls
+    state = LoopState(plan, seen.scene, canvas, active=verifier.active(seen, plan), max_calls=max_calls)
     accepted: list[str] = []  # instructions of the steps on the canvas: the reasoning trace
     max_call_nfe = 0
     trace.ended_by = "max_iters"
@@ -93,8 +103,10 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         if state.nfe >= budget.max_nfe or state.nfe + max_call_nfe > budget.max_nfe:
             trace.ended_by = "max_nfe"
             break
-        if budget.max_calls and state.calls >= budget.max_calls:  # the controller is not even asked
+        if max_calls and state.calls >= max_calls:  # the controller is not even asked
             trace.ended_by = "max_calls"
+            break
+        if rewrite and state.iteration:  # its one output was rejected: the rewrite is not asked again
             break
         state.iteration += 1
         index = len(trace.steps)
@@ -130,7 +142,7 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         # 3. verify: passive gates the step (undo on failure); active reads the whole canvas
         after = verifier.perceive(result.image)
         passive = verifier.passive(step, seen, after, plan)
-        keep = passive["ok"] or mode == "single"  # single-step has no gate: it is the baseline
+        keep = passive["ok"] or mode in ("single", "rewrite")  # the baselines have no gate
         new_canvas, kept = result.image, parts if keep else ()
         if not keep and step.op == "edit":
             new_canvas, after, kept = keep_parts(step, passive, canvas, result.image, seen, verifier, plan, cell)
@@ -264,10 +276,37 @@ def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: 
     return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance)
 
 
-def build_controller(cfg: Config) -> Controller:
-    """The controller `loop.controller` names; the "openai" one gets the config's endpoint settings."""
+LEARNED = "learned"  # the learned controller's key (clvr.learned.controller registers it)
+
+
+def register_controllers() -> list[str]:
+    """Import the modules that register controller backends beyond the world one ("openai"; "learned" when the
+    clvr.learned package is there); returns the known keys, sorted."""
     import clvr.loop.vlm_controller  # noqa: F401  (registers "openai")
 
+    try:
+        import clvr.learned.controller  # noqa: F401  (registers "learned")
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("clvr.learned"):
+            raise
+    return sorted(CONTROLLERS)
+
+
+def check_controller(key: str) -> None:
+    """An unknown controller key -> ClvrError listing the known ones (call it before any weights load)."""
+    known = register_controllers()
+    if key == LEARNED and key not in known:
+        raise ClvrError(f"controller '{LEARNED}' needs the clvr.learned package, which this install lacks "
+                        f"(known controllers: {', '.join(known)})")
+    if key not in known:
+        raise ClvrError(f"unknown controller '{key}' (known: {', '.join(known)}; config loop.controller, "
+                        f"--controller)")
+
+
+def build_controller(cfg: Config) -> Controller:
+    """The controller `loop.controller` names; the "openai" one gets the config's endpoint settings, the world
+    one its per-k success table, the learned one its checkpoint (`loop.controller_model`)."""
+    check_controller(cfg.loop.controller)
     kw = dict(grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
               max_prompt_chars=cfg.loop.max_prompt_chars)
     if cfg.loop.controller == "openai":
@@ -276,6 +315,8 @@ def build_controller(cfg: Config) -> Controller:
         from clvr.loop.controller import load_k_success
 
         kw["k_success"] = load_k_success(cfg.loop.k_success)
+    if cfg.loop.controller == LEARNED:
+        kw["model"] = cfg.loop.controller_model
     return make_controller(cfg.loop.controller, **kw)
 
 

@@ -65,7 +65,7 @@ def _short(op: dict) -> str:
 @dataclass
 class Trace:
     prompt: str
-    mode: str  # "loop" | "single"
+    mode: str  # "loop" | "single" | "rewrite" (clvr.loop.roles.MODES)
     seed: int
     generator: str = ""
     metadata: dict = field(default_factory=dict)

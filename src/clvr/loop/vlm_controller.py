@@ -4,7 +4,9 @@ Planning stays symbolic: the world controller's parser and solver turn the promp
 layout (what the verifier and the judge check against). Each next step is the VLM's: it sees the prompt, the
 current canvas as an image, the steps so far with their passive reports, and the latest active report
 (`OpenAIController.propose`). The loop validates its answer like any controller output (schema + state), so it
-can never run an op outside the allowed set or past a budget. Single-step mode (the baseline) needs no VLM.
+can never run an op outside the allowed set or past a budget. Single-step mode (the baseline) needs no VLM; in
+rewrite mode (the open-loop baseline) the VLM is asked once, on the blank canvas, for one step that places every
+object (`REWRITE_STEP`).
 
 When the endpoint gives no valid step within its bounded retries (`VLMControllerError`), the trajectory ends.
 The loop has no error channel from a controller, so `next` returns a give-up record instead of a step: the loop
@@ -20,7 +22,7 @@ import ast
 from clvr.config import ControllerCfg
 from clvr.loop.controller import STOP, WorldController
 from clvr.loop.roles import LoopState, Plan, register_controller
-from clvr.vlm import OpenAIController, VLMControllerError
+from clvr.vlm import NEXT_STEP, REWRITE_STEP, OpenAIController, VLMControllerError
 
 GAVE_UP = "controller_error"  # key of the give-up record
 
@@ -46,8 +48,12 @@ class VLMController:
             return self.world.next(state)
         if self._ended.pop(id(state), None) is not None:
             return dict(STOP)
+        rewrite = state.plan.mode == "rewrite"
+        if rewrite and state.calls:
+            return dict(STOP)
         try:
-            step = self.client.propose(state.plan.prompt, state.canvas, state.history, state.active)
+            step = self.client.propose(state.plan.prompt, state.canvas, state.history, state.active,
+                                       REWRITE_STEP if rewrite else NEXT_STEP)
         except VLMControllerError as e:
             self._ended[id(state)] = state
             return {"op": "stop", GAVE_UP: str(e)}

@@ -1,0 +1,107 @@
+"""The "learned" controller backend: a small causal LM proposes every next step under constrained decoding.
+
+Planning stays symbolic, as for the VLM controller (clvr.loop.vlm_controller): the world parser validates the
+prompt (unknown words -> the same ClvrError as the symbolic path) and the solver gives the target layout the
+verifier checks against. Each decision is the LM's: it reads `state_text(state)` (the prompt, the calls left,
+the detected canvas, the verifier's reports, the failed tries) and writes the step's lexemes greedily, each
+one restricted by `StepParse` to what the schema and the state allow. The single-step baseline's one
+`generate` step needs no LM and comes from the symbolic controller.
+
+A generation that hits `max_new_tokens` before its step is complete is returned as a record that is not a
+step (`{"op": null, "truncated": ...}`): the loop rejects and counts it, never runs it; the controller then
+stops that trajectory (greedy decoding of the same state would be cut off again).
+
+Decoding is a plain greedy loop over the model with its KV cache (prefill the state, then one forward per
+lexeme); `model.generate` with `StepLogitsProcessor` gives the same tokens (tests/test_learned_controller.py)
+but costs ~2x per token in its bookkeeping, and a decision must take milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned.model import load_controller
+from clvr.learned.state import state_text
+from clvr.learned.tokens import decode_step, encode_state
+from clvr.loop.controller import STOP, WorldController
+from clvr.loop.roles import LoopState, Plan, register_controller
+
+TRUNCATED = "truncated"
+
+
+@dataclass
+class DecodeStats:
+    decisions: int = 0
+    truncated: int = 0
+    seconds: list[float] = field(default_factory=list)  # per decision (prefill + decode)
+    tokens: list[int] = field(default_factory=list)  # output lexemes per decision
+
+
+@torch.inference_mode()
+def greedy_step(model, tokenizer, lex: Lexicon, state: LoopState, max_new_tokens: int) -> tuple[list[int], bool]:
+    """(output lexeme ids, complete) for one state: greedy, each lexeme restricted to what `StepParse` allows."""
+    parse = StepParse(lex, state.scene)
+    ids = torch.tensor([encode_state(tokenizer, state_text(state))])
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, logits = out.cache, out.logits[0, -1]
+    new: list[int] = []
+    while len(new) < max_new_tokens:
+        allowed = parse.allowed()
+        tok = allowed[int(torch.argmax(logits[allowed]))] if len(allowed) > 1 else allowed[0]
+        parse.feed(tok)
+        new.append(tok)
+        if parse.done:
+            return new, True
+        out = model(input_ids=torch.tensor([[tok]]), cache=cache, use_cache=True)
+        cache, logits = out.cache, out.logits[0, -1]
+    return new, False
+
+
+class LearnedController:
+    name = "learned"
+
+    def __init__(self, model: str | Path, grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
+                 max_new_tokens: int = 160):
+        self.world = WorldController(grid, retries_per_step, max_prompt_chars)
+        self.path = str(model)
+        self.model, self.tokenizer = load_controller(model, grid)
+        self.lex = Lexicon(self.tokenizer, grid)
+        self.max_new_tokens = max_new_tokens
+        self.stats = DecodeStats()
+        self._ended: dict[int, LoopState] = {}  # states whose output was cut off (held, so ids stay unique)
+
+    def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
+        return self.world.plan(prompt, mode, seed)
+
+    def next(self, state: LoopState) -> dict:
+        if state.plan.mode == "single":
+            return self.world.next(state)
+        if self._ended.pop(id(state), None) is not None:
+            return dict(STOP)
+        t = time.perf_counter()
+        ids, complete = greedy_step(self.model, self.tokenizer, self.lex, state, self.max_new_tokens)
+        self.stats.decisions += 1
+        self.stats.seconds.append(time.perf_counter() - t)
+        self.stats.tokens.append(len(ids))
+        if not complete:
+            self.stats.truncated += 1
+            self._ended[id(state)] = state
+            return {"op": None, TRUNCATED: f"cut off at {len(ids)} tokens: "
+                                           + self.tokenizer.decode(ids, skip_special_tokens=True)[:300]}
+        return decode_step(self.tokenizer, ids)
+
+
+@register_controller("learned")
+def learned_controller(model: str = "", grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
+                       max_new_tokens: int = 160) -> LearnedController:
+    """Registry factory; `model` is the controller folder (config `loop.controller_model`)."""
+    from clvr.errors import CheckpointError
+
+    if not model:
+        raise CheckpointError("the learned controller needs a controller folder (loop.controller_model)")
+    return LearnedController(model, grid, retries_per_step, max_prompt_chars, max_new_tokens)

@@ -1,0 +1,74 @@
+"""What the learned controller reads before each decision: a `LoopState` as one line of words.
+
+    prompt <the user's prompt> | calls left <n | unbounded> | judge <ok | failed> | canvas <objects | empty>
+    | missing <objects | none> | wrong <objects | none> | crowded <cells | none>
+    | last <the last step's instruction> <ok | failed | kept i of n> | tries <step instruction> <n> ...
+
+* canvas: what the detector saw (the verifier's perception; perception is the detector, the LM decides),
+  each object "red circle 1 2" (shape, colour, row, column), in reading order;
+* judge, missing, wrong, crowded: the verifier's last active report (the judge's verdict on the whole canvas,
+  then the gap between canvas and prompt against the plan's layout);
+* last: the verifier's passive report on the last executed step;
+* tries: failed tries so far per step (a step that keeps failing is set aside).
+
+This is the one serialization of a state for the LM (`clvr.learned.tokens` owns the words).
+"""
+
+from __future__ import annotations
+
+import json
+
+from clvr.learned.tokens import split_words
+from clvr.loop.roles import LoopState
+from clvr.steps import Step
+
+MAX_TRIES_SHOWN = 16
+
+
+def obj_words(o: dict) -> str:
+    return f"{o['color']} {o['shape']} {o['row']} {o['col']}"
+
+
+def objects_text(objs: list[dict], none: str = "none") -> str:
+    return " , ".join(obj_words(o) for o in sorted(objs, key=lambda o: (o["row"], o["col"]))) or none
+
+
+def calls_left(state: LoopState) -> str:
+    return str(max(state.max_calls - state.calls, 0)) if state.max_calls else "unbounded"
+
+
+def last_text(state: LoopState) -> str:
+    if state.last_step is None:
+        return "none"
+    step, passive = Step.from_dict(state.last_step), state.last_passive or {}
+    if passive.get("ok"):
+        verdict = "ok"
+    elif "kept" in passive:
+        verdict = f"kept {len(passive['kept'])} of {len(step.parts())}"
+    else:
+        verdict = "failed"
+    return f"{split_words(step.instruction())} {verdict}"
+
+
+def tries_text(state: LoopState) -> str:
+    failed = sorted(((k, n) for k, n in state.failures.items() if n > 0), key=lambda kv: -kv[1])[:MAX_TRIES_SHOWN]
+    parts = [f"{split_words(Step.from_dict(json.loads(k)).instruction())} {n}" for k, n in failed]
+    return " , ".join(parts) or "none"
+
+
+def state_text(state: LoopState) -> str:
+    active = state.active or {}
+    crowded = " , ".join(f"{r} {c}" for r, c in active.get("crowded", ())) or "none"
+    fields = [
+        f"prompt {split_words(state.plan.prompt)}",
+        f"calls left {calls_left(state)}",
+        f"judge {'ok' if active.get('ok') else 'failed'}",
+        f"canvas {objects_text([o.to_dict() for o in state.scene.objects], 'empty')}",
+        f"missing {objects_text(active.get('missing', []))}",
+        f"wrong {objects_text(active.get('wrong', []))}",
+        f"crowded {crowded}",
+        f"last {last_text(state)}",
+        f"tries {tries_text(state)}",
+    ]
+    return " | ".join(fields)
+
