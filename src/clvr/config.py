@@ -357,6 +357,7 @@ class ControllerSftCfg:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 384
+    compose_init: bool = True  # a fresh model's output lexemes start as the sum of their words (clvr.learned.train)
     steps: int = 600  # optimizer steps (per phase: the first training, then each DAgger round)
     batch_size: int = 64
     lr: float = 2e-3

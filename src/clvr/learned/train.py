@@ -10,8 +10,8 @@ lexemes (and its end) only (`clvr.learned.tokens.encode_example`). Trajectories 
 others (chosen by a hash of their id, so a bigger data set keeps the same ones) give the eval examples.
 
 Training runs on the engine every trainer uses (clvr.train.engine: DeepSpeed, resumable `checkpoints/step-N/`,
-the pipeline logs each one to MLflow); sample i of global step s is example `default_rng([seed, s, i])` draws, so
-a resume needs no RNG state. Modes (`mode`): full (every weight), or lora: a peft LoRA on the Qwen3 attention and
+the pipeline logs each one to MLflow); global step s is the length group (`length_groups`: examples of about one
+length, so little compute goes to padding) that `default_rng([seed, s])` draws, so a resume needs no RNG state. Modes (`mode`): full (every weight), or lora: a peft LoRA on the Qwen3 attention and
 MLP projections (`LORA_TARGETS`), saved merged, with the adapter in `adapter/` beside it (as clvr.train.sft). A
 model folder (checkpoint `model/`, `final/`) is a controller folder (`clvr.learned.model.load_controller`).
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ from clvr.errors import ClvrError
 from clvr.io import atomic_dir, atomic_write_text
 from clvr.learned.decisions import decision_states, teacher_labels
 from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned import tokens as T
 from clvr.learned.model import build_model, load_controller, save_controller
 from clvr.learned.state import state_text
 from clvr.learned.tokens import MARK, build_tokenizer, encode_example, step_lexemes
@@ -154,6 +156,17 @@ def load_data(cfg: Config, teacher: WorldController, tokenizer,
     return train, evals, stats, sorted({t.tier for t in use})
 
 
+def length_groups(pool: list[Decision], batch: int, seed: int) -> list[list[int]]:
+    """The pool cut into global batches of examples of about the same length (shortest first; a seeded random
+    order among equal lengths): padding to the longest row of a random batch wasted a third of the compute. A
+    pool smaller than one batch is one group, repeated to size."""
+    key = np.random.default_rng([seed, 2]).random(len(pool))
+    order = sorted(range(len(pool)), key=lambda i: (len(pool[i].ids), key[i]))
+    if len(order) < batch:
+        return [[order[i % len(order)] for i in range(batch)]]
+    return [order[i: i + batch] for i in range(0, len(order) - batch + 1, batch)]
+
+
 def collate(batch: list[Decision], pad: int) -> dict[str, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 on the state and on padding)."""
     n = max(len(d.ids) for d in batch)
@@ -194,6 +207,48 @@ def exact_match(model, lex: Lexicon, examples: list[Decision], pad: int) -> dict
     model.train(was)
     flat = [h for v in hits.values() for h in v]
     return {"exact_match": float(np.mean(flat)), **{f"exact_match_b{k}": float(np.mean(v)) for k, v in sorted(hits.items())}}
+
+
+def lexeme_parts(lexeme: str) -> tuple[list[str], tuple[str, str] | None]:
+    """The words an output lexeme is made of (op, shape, colours, "to") and its cell digits (row, column) if it
+    names a cell."""
+    words = re.findall(r'"(?:op|shape|color|new_color)":"(\w+)"', lexeme)
+    words += ["to"] * ('"to":' in lexeme)
+    cell = re.search(r"\[(\d+),(\d+)\]", lexeme)
+    return words, (cell.group(1), cell.group(2)) if cell else None
+
+
+@torch.no_grad()
+def compose_embeddings(model, tokenizer, seed: int = 0) -> int:
+    """Start each output lexeme's embedding (tied: also its output row) as the sum of the embeddings of the input
+    words it is made of, plus its own random init: `{"op":"add","shape":"circle","color":"red","cell":` = add +
+    circle + red; a cell `[r,c]` = digit r + Q digit c (Q a fixed random rotation, so [0,1] and [1,0] differ).
+    Choosing a step is then mostly copying words of the state (the missing object's colour and shape, its cell)
+    to the output, which attention does from the start; from a random init the copy took most of the budget.
+    Returns the number of lexemes set."""
+    emb = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(emb.shape[1], emb.shape[1], generator=g))
+    n = 0
+    for lexeme in T.output_lexemes(_grid_of(tokenizer)):
+        words, cell = lexeme_parts(lexeme)
+        rows = [emb[vocab[T.MARK + w]] for w in words if T.MARK + w in vocab]  # "edit" is no input word
+        if cell:
+            rows += [emb[vocab[T.MARK + cell[0]]], q @ emb[vocab[T.MARK + cell[1]]]]
+        if rows:
+            emb[vocab[lexeme]] += torch.stack(rows).sum(0)
+            n += 1
+    return n
+
+
+def _grid_of(tokenizer) -> int:
+    """The grid a tokenizer's cell lexemes cover."""
+    vocab = tokenizer.get_vocab()
+    g = 1
+    while T.cell_lexeme(g, g) in vocab:
+        g += 1
+    return g
 
 
 def add_lora(model, rank: int, alpha: float, seed: int = 0):
@@ -242,8 +297,11 @@ class ControllerTrainer:
         if s.init:
             model, _ = load_controller(s.init, self.grid)
             return model
-        return build_model(len(self.tokenizer), s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate,
-                           MAX_POSITIONS, s.seed)
+        model = build_model(len(self.tokenizer), s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate,
+                            MAX_POSITIONS, s.seed)
+        if s.compose_init:
+            compose_embeddings(model, self.tokenizer, s.seed)
+        return model
 
     @property
     def live(self):
@@ -263,11 +321,12 @@ class ControllerTrainer:
     def pool(self, phase: int) -> list[Decision]:
         return [*self.train, *(d for r in range(1, phase + 1) for d in self.rounds[r])]
 
-    def rows(self, step: int, pool: list[Decision]) -> list[Decision]:
+    def rows(self, step: int, groups: list[list[int]], pool: list[Decision]) -> list[Decision]:
+        """This rank's share of global batch `step`: one of the length groups (`length_groups`), drawn by
+        `default_rng([seed, step])`."""
         e = self.engine
-        lo = e.rank * e.micro_batch
-        return [pool[int(np.random.default_rng([self.s.seed, step, i]).integers(len(pool)))]
-                for i in range(lo, lo + e.micro_batch)]
+        g = groups[int(np.random.default_rng([self.s.seed, step]).integers(len(groups)))]
+        return [pool[i] for i in g[e.rank * e.micro_batch: (e.rank + 1) * e.micro_batch]]
 
     def round_data(self, r: int) -> list[Decision]:
         """DAgger round r's new examples: read from rounds/round-r.jsonl, or collected now (rank 0) and written."""
@@ -342,11 +401,11 @@ class ControllerTrainer:
             ev = exact_match(load_controller(d, self.grid)[0], self.lex, examples, self.pad) if e.is_main else {}
         return ev
 
-    def train_step(self, pool: list[Decision], phase_start: int) -> dict[str, float]:
+    def train_step(self, groups: list[list[int]], pool: list[Decision], phase_start: int) -> dict[str, float]:
         s = self.s
         lr = lr_at(self.step - phase_start, s.lr, s.warmup, s.steps, s.min_lr_frac)
         self.engine.set_lr(lr)
-        b = collate(self.rows(self.step, pool), self.pad)
+        b = collate(self.rows(self.step, groups, pool), self.pad)
         out = self.live(**{k: self.engine.to_device(v) for k, v in b.items()})
         gn = self.engine.step(out.loss)
         self.step += 1
@@ -377,8 +436,9 @@ class ControllerTrainer:
                     rm = out / ROUNDS / f"round-{r}.metrics.json"
                     summary.update({f"dagger_r{r}_{k}": v for k, v in ckpt.read_json(rm).items()})
             pool, start, end = self.pool(phase), phase * s.steps, (phase + 1) * s.steps
+            groups = length_groups(pool, s.batch_size, s.seed)
             while self.step < end:
-                stats = self.train_step(pool, start)
+                stats = self.train_step(groups, pool, start)
                 bar.update(1)
                 if self.step % s.log_every == 0 or self.step == end:
                     last = e.mean_stats(stats)
