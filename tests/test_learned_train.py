@@ -158,3 +158,16 @@ def test_batch_encoding_is_encode_example(data):
     assert train.encode_examples(tok, pairs) == [encode_example(tok, t, s) for t, s in pairs]
     with pytest.raises(ValueError, match="outside the controller's vocabulary"):
         train.encode_examples(tok, [("prompt a mauve circle", {"op": "stop"})])
+
+
+def test_balance_repeats_rare_kinds_of_step():
+    from clvr.world.scene import Scene
+
+    def ex(op: str, i: int) -> train.Decision:
+        return train.Decision(f"s{i}", json.dumps({"op": op}), Scene((), 4), 0, (i,), (i,))
+
+    pool = [ex("add", i) for i in range(90)] + [ex("remove", 90 + i) for i in range(3)] + [ex("stop", 99)]
+    out = train.balance(pool, 0.1)
+    count = lambda op: sum(json.loads(d.step)["op"] == op for d in out)  # noqa: E731
+    assert count("add") == 90 and count("remove") == 9 and count("stop") == 9  # 10 % of 94, in whole copies
+    assert train.balance(pool, 0.0) is pool

@@ -357,6 +357,7 @@ class ControllerSftCfg:
     heads: int = 4
     kv_heads: int = 2
     intermediate: int = 384
+    min_share: float = 0.0  # each kind of step (its op) repeated to at least this share of the examples (0 = off)
     compose_init: bool = True  # a fresh model's output lexemes start as the sum of their words (clvr.learned.train)
     steps: int = 600  # optimizer steps (per phase: the first training, then each DAgger round)
     batch_size: int = 64
@@ -386,7 +387,7 @@ class ControllerSftCfg:
         need(positive(self.lora_alpha), f"{name}.lora_alpha", "> 0", self.lora_alpha)
         need(positive(self.lr), f"{name}.lr", "> 0", self.lr)
         need_all(self, name, "warmup dagger_rounds weight_decay", at_least(0), ">= 0")
-        need(fraction(self.min_lr_frac), f"{name}.min_lr_frac", "in 0..1", self.min_lr_frac)
+        need_all(self, name, "min_lr_frac min_share", fraction, "in 0..1")
         need(0 < self.eval_frac < 1, f"{name}.eval_frac", "in 0..1 (both excluded)", self.eval_frac)
         need(0 <= self.seed <= MAX_SEED, f"{name}.seed", f"in 0..{MAX_SEED}", self.seed)
         check_global_batch(self.batch_size, f"{name}.batch_size")

@@ -156,6 +156,22 @@ def load_data(cfg: Config, teacher: WorldController, tokenizer,
     return train, evals, stats, sorted({t.tier for t in use})
 
 
+def balance(pool: list[Decision], min_share: float) -> list[Decision]:
+    """The pool with the examples of each kind of step (its op: add, remove, recolor, move, edit, stop) repeated
+    until the kind is at least `min_share` of the original pool's size: corrections (remove, move, recolor) are a
+    few per cent of the teacher's steps, and a student that only ever adds never clears a stray object."""
+    if min_share <= 0 or not pool:
+        return pool
+    kinds: dict[str, list[Decision]] = {}
+    for d in pool:
+        kinds.setdefault(json.loads(d.step)["op"], []).append(d)
+    out = list(pool)
+    for group in kinds.values():
+        reps = -(-int(min_share * len(pool)) // len(group)) - 1
+        out += group * max(reps, 0)
+    return out
+
+
 def length_groups(pool: list[Decision], batch: int, seed: int) -> list[list[int]]:
     """The pool cut into global batches of examples of about the same length (shortest first; a seeded random
     order among equal lengths): padding to the longest row of a random batch wasted a third of the compute. A
@@ -319,7 +335,8 @@ class ControllerTrainer:
     # ---- data ----------------------------------------------------------------------------------------------
 
     def pool(self, phase: int) -> list[Decision]:
-        return [*self.train, *(d for r in range(1, phase + 1) for d in self.rounds[r])]
+        """The training examples of phase `phase` (0 = the data set's; r = also DAgger rounds 1..r), balanced."""
+        return balance([*self.train, *(d for r in range(1, phase + 1) for d in self.rounds[r])], self.s.min_share)
 
     def rows(self, step: int, groups: list[list[int]], pool: list[Decision]) -> list[Decision]:
         """This rank's share of global batch `step`: one of the length groups (`length_groups`), drawn by
