@@ -20,8 +20,8 @@ label exactly when, at every position of the label, the label's lexeme is the ar
 lexemes the grammar allows there (`StepParse`); so it is measured in one teacher-forced forward pass per batch.
 
 DAgger (`dagger_rounds`): after the first `steps`, each round runs the student in the loop (the `noisy-oracle`
-generator, the world verifier) on `dagger_prompts` fresh training-split prompts, at each budget in turn; the
-states it reaches are labelled by the teacher at every budget and added to the pool (`rounds/round-N.jsonl`, so a
+generator, the world verifier) on `dagger_prompts` training-split prompts sampled afresh (the same ones each round),
+at each budget; the states it reaches are labelled by the teacher at every budget and added to the pool (`rounds/round-N.jsonl`, so a
 resumed run trains on the same data), then `steps` more steps follow, each phase with its own warm-up and decay.
 Exact match before and after each round, and the student's own exact match and pass rate on the round's states,
 go into metrics.
@@ -366,8 +366,9 @@ class ControllerTrainer:
         return out
 
     def collect(self, r: int) -> tuple[list[Decision], dict]:
-        """Run the student on fresh training-split prompts, each budget in `budgets` on its share of them; label
-        the states it reaches at every budget. Returns the pairs not seen before and the round's metrics."""
+        """Run the student on `dagger_prompts` training-split prompts sampled afresh (the same ones every round, so
+        rounds compare), at each budget in `budgets`; label the states it reaches at every budget. Returns the pairs
+        not seen before and the round's metrics."""
         from clvr.generator import make_generator
         from clvr.learned.controller import LearnedController
         from clvr.learned.decisions import RecordingController
@@ -377,7 +378,7 @@ class ControllerTrainer:
 
         s, cfg = self.s, self.cfg
         jobs: list[tuple[str, int]] = []
-        rng = np.random.default_rng([s.seed, 7919, r])
+        rng = np.random.default_rng([s.seed, 7919])
         while len(jobs) < s.dagger_prompts:
             md = sample_prompt(self.tiers[len(jobs) % len(self.tiers)], rng, self.grid)
             if not held_out(md):
@@ -389,13 +390,11 @@ class ControllerTrainer:
             self.save_model(Path(d))
             rec = RecordingController(LearnedController(d, self.grid, cfg.loop.retries_per_step,
                                                         cfg.loop.max_prompt_chars))
-            for i, b in enumerate(s.budgets):
-                part = jobs[i::len(s.budgets)]
-                if part:
-                    traces = run_many(part, rec, gen, ver, replace(cfg.loop, max_calls=b), "loop", self.grid,
-                                      cfg.world.cell)
-                    metrics[f"student_pass_b{b}"] = float(np.mean([t.passed for t in traces]))
-                    metrics[f"student_rejected_b{b}"] = float(sum(t.rejected for t in traces))
+            for b in s.budgets:
+                traces = run_many(jobs, rec, gen, ver, replace(cfg.loop, max_calls=b), "loop", self.grid,
+                                  cfg.world.cell)
+                metrics[f"student_pass_b{b}"] = float(np.mean([t.passed for t in traces]))
+                metrics[f"student_rejected_b{b}"] = float(sum(t.rejected for t in traces))
         own = label_examples(rec.states, self.teacher, tuple(s.budgets), self.tokenizer, set())
         metrics.update({"states": float(len(rec.states)), "own_examples": float(len(own)),
                         **{f"own_{k}": v for k, v in exact_match(self.plain(), self.lex, own, self.pad).items()}})
