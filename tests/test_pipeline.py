@@ -185,7 +185,8 @@ def test_run_records_parent_and_stage_runs(run1, mlflow_client):
         assert r.data.params["sft.steps"] == "12" and r.data.params["profile"] == "ci"
         assert r.data.params["pipeline.flow"] == "retrain" and r.data.params["sft.init"] == "base"
     sft = runs["sft"]
-    assert sft.data.metrics["train_loss"] == pytest.approx(res["stages"][1]["metrics"]["train_loss"])
+    sft_result = next(s for s in res["stages"] if s["stage"] == "sft")
+    assert sft.data.metrics["train_loss"] == pytest.approx(sft_result["metrics"]["train_loss"])
     history = c.get_metric_history(sft.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 13))
     ev = runs["evaluate"]  # the released models and the SFT model
