@@ -171,3 +171,21 @@ def test_balance_repeats_rare_kinds_of_step():
     count = lambda op: sum(json.loads(d.step)["op"] == op for d in out)  # noqa: E731
     assert count("add") == 90 and count("remove") == 9 and count("stop") == 9  # 10 % of 94, in whole copies
     assert train.balance(pool, 0.0) is pool
+
+
+def test_output_lexemes_start_as_the_sum_of_their_words():
+    from clvr.learned import tokens as T
+    from clvr.learned.model import build_model
+
+    tok = T.build_tokenizer(4)
+    model = build_model(len(tok))
+    before = model.get_input_embeddings().weight.detach().clone()
+    assert train.compose_embeddings(model, tok, 4) == len(T.output_lexemes(4)) - 1  # all but the edit opening
+    after, v = model.get_input_embeddings().weight.detach(), tok.get_vocab()
+    head = v[T.head("add", "circle", "red")]
+    words = sum(before[v[T.MARK + w]] for w in ("add", "circle", "red"))
+    assert torch.allclose(after[head] - before[head], words, atol=1e-6)
+    assert torch.equal(after[v[T.MARK + "red"]], before[v[T.MARK + "red"]])  # input words stay
+    assert torch.equal(after[v[T.EDIT_OPEN]], before[v[T.EDIT_OPEN]])
+    a, b = (after[v[T.cell_lexeme(*c)]] - before[v[T.cell_lexeme(*c)]] for c in ((0, 1), (1, 0)))
+    assert not torch.allclose(a, b)  # a cell's row and column play different parts

@@ -235,7 +235,7 @@ def lexeme_parts(lexeme: str) -> tuple[list[str], tuple[str, str] | None]:
 
 
 @torch.no_grad()
-def compose_embeddings(model, tokenizer, seed: int = 0) -> int:
+def compose_embeddings(model, tokenizer, grid: int, seed: int = 0) -> int:
     """Start each output lexeme's embedding (tied: also its output row) as the sum of the embeddings of the input
     words it is made of, plus its own random init: `{"op":"add","shape":"circle","color":"red","cell":` = add +
     circle + red; a cell `[r,c]` = digit r + Q digit c (Q a fixed random rotation, so [0,1] and [1,0] differ).
@@ -247,7 +247,7 @@ def compose_embeddings(model, tokenizer, seed: int = 0) -> int:
     g = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(emb.shape[1], emb.shape[1], generator=g))
     n = 0
-    for lexeme in T.output_lexemes(_grid_of(tokenizer)):
+    for lexeme in T.output_lexemes(grid):
         words, cell = lexeme_parts(lexeme)
         rows = [emb[vocab[T.MARK + w]] for w in words if T.MARK + w in vocab]  # "edit" is no input word
         if cell:
@@ -256,15 +256,6 @@ def compose_embeddings(model, tokenizer, seed: int = 0) -> int:
             emb[vocab[lexeme]] += torch.stack(rows).sum(0)
             n += 1
     return n
-
-
-def _grid_of(tokenizer) -> int:
-    """The grid a tokenizer's cell lexemes cover."""
-    vocab = tokenizer.get_vocab()
-    g = 1
-    while T.cell_lexeme(g, g) in vocab:
-        g += 1
-    return g
 
 
 def add_lora(model, rank: int, alpha: float, seed: int = 0):
@@ -301,12 +292,12 @@ class ControllerTrainer:
         resume = eng_mod.latest(out)
         self.model = self.build()
         self.peft = add_lora(self.model, s.lora_rank, s.lora_alpha, s.seed) if s.mode == "lora" else None
-        self.engine = Engine({"model": self.peft or self.model}, cfg.engine, s.batch_size, s.lr, s.weight_decay)
+        self.engine = Engine({"model": self.live}, cfg.engine, s.batch_size, s.lr, s.weight_decay)
         if resume is not None:
             self.step = self.engine.load(resume)["step"]
             log(f"[controller_sft] resumed from {resume} (step {self.step})")
         self.rounds: dict[int, list[Decision]] = {}
-        (self.peft or self.model).train()
+        self.live.train()
 
     def build(self):
         s = self.s
@@ -316,7 +307,7 @@ class ControllerTrainer:
         model = build_model(len(self.tokenizer), s.layers, s.hidden, s.heads, s.kv_heads, s.intermediate,
                             MAX_POSITIONS, s.seed)
         if s.compose_init:
-            compose_embeddings(model, self.tokenizer, s.seed)
+            compose_embeddings(model, self.tokenizer, self.grid, s.seed)
         return model
 
     @property
