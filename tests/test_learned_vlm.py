@@ -89,6 +89,43 @@ def test_two_sft_steps_of_a_tiny_vlm_on_one_trajectory_with_its_images(data, tmp
     assert 0 <= em["exact_match"] <= 1
 
 
+def pretrained_like(folder: Path) -> Path:
+    """A stand-in for a pretrained checkpoint folder (what `init: Qwen/Qwen3-VL-...` resolves to): a tiny VLM over
+    a byte-level BPE tokenizer that has the vision tokens but none of the controller's step lexemes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from clvr.learned.tokens import input_words
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator([" ".join(input_words()), '{"op":"stop"}'], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", *vlm.VISION_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    proc = vlm.VLMProcessor(tok, vlm.build_processor(4).image_processor)
+    assert not proc.lexemes
+    vlm.build_vlm(proc, layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64).save_pretrained(folder)
+    proc.save(folder)
+    return folder
+
+
+def test_a_pretrained_vlm_folder_with_its_own_tokenizer_fine_tunes(data, tmp_path):
+    init = pretrained_like(tmp_path / "pretrained")
+    before = vlm.load_vlm(init)[0].state_dict()
+    tr = vlm.VLMTrainer(cfg_for(data, tmp_path / "run", f"controller_sft.init={init}"), tmp_path / "run",
+                        log=lambda m: None)
+    assert tr.lex is None  # no step lexemes: the step is its JSON in the checkpoint's own tokens
+    d = tr.train[0]
+    target = [i for i in d.labels if i != -100]
+    assert tr.tokenizer.decode(target) == json.dumps(json.loads(d.step), separators=(",", ":")) + "<|endoftext|>"
+    res = tr.fit()
+    assert math.isfinite(res["metrics"]["train_loss"])
+    after = vlm.load_vlm(res["final"], 4)[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert 0 <= tr.measure(tr.plain(), tr.train[:4])["exact_match"] <= 1  # teacher-forced, whole vocabulary
+
+
 def test_missing_pretrained_vlm_is_a_checkpoint_error_naming_it(data, tmp_path):
     for init in ("Qwen/Qwen3-VL-8B-Instruct", str(tmp_path / "no-such-folder")):
         with pytest.raises(CheckpointError, match=init.replace("/", ".")):
@@ -96,6 +133,9 @@ def test_missing_pretrained_vlm_is_a_checkpoint_error_naming_it(data, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="empty"):
         vlm.load_vlm(tmp_path / "empty")
+    ok = vlm.save_vlm(vlm.build_vlm(vlm.build_processor(4), 1, 32, 2, 1, 64), vlm.build_processor(4), tmp_path / "g4", 4)
+    with pytest.raises(CheckpointError, match="grid 4"):
+        vlm.load_vlm(ok, grid=5)
 
 
 def test_config_keys_and_the_gpu_profiles_name_the_real_checkpoints():

@@ -15,6 +15,9 @@ a resume needs no RNG state. Modes (`mode`): full (every weight), or lora: a pef
 MLP projections (`LORA_TARGETS`), saved merged, with the adapter in `adapter/` beside it (as clvr.train.sft). A
 model folder (checkpoint `model/`, `final/`) is a controller folder (`clvr.learned.model.load_controller`).
 
+Model class (`model_class`): causal_lm (above), or vlm: a Qwen3-VL that also reads the canvas image, the real-scale
+path (clvr.learned.vlm.VLMTrainer overrides the methods marked "[vlm hook]"; no DAgger).
+
 Eval: exact match of greedy constrained decoding against the teacher's step. Greedy decoding reproduces the
 label exactly when, at every position of the label, the label's lexeme is the arg-max of the logits over the
 lexemes the grammar allows there (`StepParse`); so it is measured in one teacher-forced forward pass per batch.

@@ -39,7 +39,7 @@ from clvr.io import atomic_write_text
 from clvr.learned import train as T
 from clvr.learned.decisions import decision_states
 from clvr.learned.grammar import Lexicon
-from clvr.learned.tokens import MARK, build_tokenizer, encode_state, step_lexemes
+from clvr.learned.tokens import build_tokenizer, encode_state, step_lexemes
 from clvr.loop.roles import LoopState
 from clvr.trajectories import Trajectory, dataset_file, load_image
 
@@ -150,12 +150,21 @@ def _local_folder(init: str) -> Path:
                               f"{type(e).__name__}") from None
 
 
-def load_vlm(init: str | Path) -> tuple[object, VLMProcessor]:
+def load_vlm(init: str | Path, grid: int | None = None) -> tuple[object, VLMProcessor]:
     """(model, processor) of a VLM folder or a hub id present locally; CheckpointError naming `init` when absent,
-    corrupt, or not a vision-language checkpoint with the vision tokens."""
+    corrupt, not a vision-language checkpoint with the vision tokens, or (a folder `save_vlm` wrote) for another
+    grid than `grid`."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     folder = _local_folder(str(init))
+    if grid is not None and (folder / MARKER).is_file():
+        try:
+            marker = json.loads((folder / MARKER).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"corrupt VLM controller '{init}': {MARKER}: {e}") from None
+        if marker.get("grid") != grid:
+            raise CheckpointError(f"VLM controller '{init}' was trained for grid {marker.get('grid')}; "
+                                  f"this world is grid {grid}")
     try:
         model = AutoModelForImageTextToText.from_pretrained(folder, local_files_only=True)
         proc = VLMProcessor(AutoTokenizer.from_pretrained(folder, local_files_only=True),
@@ -243,13 +252,18 @@ class VLMTrainer(T.ControllerTrainer):
     def make_tokenizer(self):
         s = self.s
         if s.init:
-            self._init_model, self.proc = load_vlm(s.init)
+            self._init_model, self.proc = load_vlm(s.init, self.grid)
         else:
             self._init_model, self.proc = None, build_processor(self.grid)
         return self.proc.tokenizer
 
     def make_lexicon(self) -> Lexicon | None:
-        return Lexicon(self.tokenizer, self.grid) if self.proc.lexemes else None
+        if not self.proc.lexemes:
+            return None
+        try:
+            return Lexicon(self.tokenizer, self.grid)
+        except ValueError as e:
+            raise CheckpointError(f"controller_sft.init '{self.s.init}': {e}") from None
 
     def load_data(self, log):
         root = dataset_file(self.s.data).parent
@@ -276,7 +290,7 @@ class VLMTrainer(T.ControllerTrainer):
         return free_match(model, examples, self.batch)
 
     def reload(self, folder: Path):
-        return load_vlm(folder)[0]
+        return load_vlm(folder, self.grid)[0]
 
     def build(self):
         s = self.s
