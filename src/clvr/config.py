@@ -334,6 +334,7 @@ class SftCfg(DataMixCfg):
 
 
 CONTROLLER_SFT_MODES = ("full", "lora")
+CONTROLLER_MODEL_CLASSES = ("causal_lm", "vlm")
 
 
 @dataclass
@@ -348,7 +349,11 @@ class ControllerSftCfg:
     data: str = ""  # the data engine's data set (folder or JSONL); conf/base.yaml: ${synthesize.out}
     k_success: str = ""  # the teacher's per-k success table (as loop.k_success); conf/base.yaml: ${loop.k_success}
     budgets: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 0])  # calls left per label (0 = unbounded)
-    init: str = ""  # "" = a fresh model of the size below; or a controller folder to fine-tune (e.g. for lora)
+    # causal_lm: a Qwen3ForCausalLM reading the state text (clvr.learned.model); vlm: a Qwen3VLForConditionalGeneration
+    # reading the state text and the canvas image (clvr.learned.vlm, the real-scale path)
+    model_class: str = "causal_lm"
+    init: str = ""  # "" = a fresh model of the size below; or a controller folder to fine-tune (e.g. for lora); vlm:
+    # also a pretrained VLM (a local folder, or a hub id whose weights are in the local hub cache; never fetched)
     mode: str = "full"  # full: every weight; lora: a peft LoRA on the attention and MLP projections
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -378,6 +383,12 @@ class ControllerSftCfg:
     def check(self, name: str) -> None:
         need(nonempty(self.data), f"{name}.data", "a data-engine data set (folder or JSONL)", self.data)
         need(self.mode in CONTROLLER_SFT_MODES, f"{name}.mode", f"one of {list(CONTROLLER_SFT_MODES)}", self.mode)
+        need(self.model_class in CONTROLLER_MODEL_CLASSES, f"{name}.model_class",
+             f"one of {list(CONTROLLER_MODEL_CLASSES)}", self.model_class)
+        need(self.model_class != "vlm" or self.dagger_rounds == 0, f"{name}.dagger_rounds",
+             "0 with model_class vlm (the learned controller runs the causal LM only)", self.dagger_rounds)
+        need(self.model_class != "vlm" or (self.hidden // max(self.heads, 1)) % 2 == 0, f"{name}.hidden",
+             "hidden / heads even with model_class vlm (multimodal RoPE splits the head's rotary pairs)", self.hidden)
         need(bool(self.budgets) and all(isinstance(b, int) and b >= 0 for b in self.budgets), f"{name}.budgets",
              "a non-empty list of calls-left budgets >= 0 (0 = unbounded)", self.budgets)
         need_all(self, name, "lora_rank layers hidden heads kv_heads intermediate steps log_every eval_every "

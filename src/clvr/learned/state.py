@@ -1,15 +1,21 @@
 """What the learned controller reads before each decision: a `LoopState` as one line of words.
 
-    prompt <the user's prompt> | calls left <n | unbounded> | judge <ok | failed> | canvas <objects | empty>
-    | missing <objects | none> | wrong <objects | none> | crowded <cells | none>
-    | last <the last step's instruction> <ok | failed | kept i of n> | tries <step instruction> <n> ...
+    prompt <the user's prompt> | calls left <n | unbounded> | judge <ok | failed>
+    | last <the last step's instruction> <ok | failed | kept i of n> | tries <step instruction> <n> , ...
+    | crowded <cells | none> | canvas <objects | empty> | missing <objects | none> | wrong <objects | none>
 
-* canvas: what the detector saw (the verifier's perception; perception is the detector, the LM decides),
-  each object "red circle 1 2" (shape, colour, row, column), in reading order;
-* judge, missing, wrong, crowded: the verifier's last active report (the judge's verdict on the whole canvas,
+* judge, crowded, missing, wrong: the verifier's last active report (the judge's verdict on the whole canvas,
   then the gap between canvas and prompt against the plan's layout);
 * last: the verifier's passive report on the last executed step;
-* tries: failed tries so far per step (a step that keeps failing is set aside).
+* tries: failed tries so far per step (a step that keeps failing is set aside);
+* canvas: what the detector saw (the verifier's perception; perception is the detector, the LM decides),
+  each object "red circle 1 2" (shape, colour, row, column), in reading order.
+
+Order matters to a 2-layer model, which mostly copies: the text ends with the gap, missing then wrong, each in
+REVERSE reading order, so the object of the step's first op (a wrong one's if any, else the first missing one
+in reading order, as the teacher orders them) sits right before the output, the next one before it, and so on.
+With missing and wrong in reading order in the middle of the text, the cpu profile's 500 steps reached 0.39 exact
+match with the teacher; in this order 0.94.
 
 This is the one serialization of a state for the LM (`clvr.learned.tokens` owns the words).
 """
@@ -29,8 +35,10 @@ def obj_words(o: dict) -> str:
     return f"{o['color']} {o['shape']} {o['row']} {o['col']}"
 
 
-def objects_text(objs: list[dict], none: str = "none") -> str:
-    return " , ".join(obj_words(o) for o in sorted(objs, key=lambda o: (o["row"], o["col"]))) or none
+def objects_text(objs: list[dict], none: str = "none", reverse: bool = False) -> str:
+    """Objects in reading order (`reverse`: the last one first)."""
+    ordered = sorted(objs, key=lambda o: (o["row"], o["col"]), reverse=reverse)
+    return " , ".join(obj_words(o) for o in ordered) or none
 
 
 def calls_left(state: LoopState) -> str:
@@ -63,12 +71,12 @@ def state_text(state: LoopState) -> str:
         f"prompt {split_words(state.plan.prompt)}",
         f"calls left {calls_left(state)}",
         f"judge {'ok' if active.get('ok') else 'failed'}",
-        f"canvas {objects_text([o.to_dict() for o in state.scene.objects], 'empty')}",
-        f"missing {objects_text(active.get('missing', []))}",
-        f"wrong {objects_text(active.get('wrong', []))}",
-        f"crowded {crowded}",
         f"last {last_text(state)}",
         f"tries {tries_text(state)}",
+        f"crowded {crowded}",
+        f"canvas {objects_text([o.to_dict() for o in state.scene.objects], 'empty')}",
+        f"missing {objects_text(active.get('missing', []), reverse=True)}",
+        f"wrong {objects_text(active.get('wrong', []), reverse=True)}",
     ]
     return " | ".join(fields)
 

@@ -15,6 +15,9 @@ length, so little compute goes to padding) that `default_rng([seed, s])` draws, 
 MLP projections (`LORA_TARGETS`), saved merged, with the adapter in `adapter/` beside it (as clvr.train.sft). A
 model folder (checkpoint `model/`, `final/`) is a controller folder (`clvr.learned.model.load_controller`).
 
+Model class (`model_class`): causal_lm (above), or vlm: a Qwen3-VL that also reads the canvas image, the real-scale
+path (clvr.learned.vlm.VLMTrainer overrides the methods marked "[vlm hook]"; no DAgger).
+
 Eval: exact match of greedy constrained decoding against the teacher's step. Greedy decoding reproduces the
 label exactly when, at every position of the label, the label's lexeme is the arg-max of the logits over the
 lexemes the grammar allows there (`StepParse`); so it is measured in one teacher-forced forward pass per batch.
@@ -35,7 +38,7 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +78,8 @@ class Decision:
     budget: int  # calls left (0 = unbounded)
     ids: tuple[int, ...]
     labels: tuple[int, ...]
+    # [vlm hook] the state's canvas image (LoopState.canvas, uint8 HxWx3), for model_class vlm (clvr.learned.vlm)
+    canvas: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def label_examples(states: list[LoopState], teacher: WorldController, budgets: tuple[int, ...], tokenizer,
@@ -87,12 +92,12 @@ def label_examples(states: list[LoopState], teacher: WorldController, budgets: t
         text, key = state_text(q), json.dumps(step, sort_keys=True)
         if (text, key) not in seen:
             seen.add((text, key))
-            new.append((text, key, step, q.scene, budgets[n % len(budgets)]))
+            new.append((text, key, step, q.scene, budgets[n % len(budgets)], q.canvas))
     out = []
-    for (text, key, step, scene, b), (ids, labels) in zip(new, encode_examples(tokenizer, [(t, st) for t, _, st, _, _ in new])):
+    for (text, key, step, scene, b, canvas), (ids, labels) in zip(new, encode_examples(tokenizer, [(x[0], x[2]) for x in new])):
         if len(ids) > MAX_POSITIONS:
             raise ClvrError(f"a state of '{text[:60]}...' is {len(ids)} tokens, over the model's {MAX_POSITIONS}")
-        out.append(Decision(text, key, scene, b, tuple(ids), tuple(labels)))
+        out.append(Decision(text, key, scene, b, tuple(ids), tuple(labels), canvas))
     return out
 
 
@@ -119,9 +124,10 @@ def _held_for_eval(tid: str, frac: float) -> bool:
     return h / 2**32 < frac
 
 
-def load_data(cfg: Config, teacher: WorldController, tokenizer,
-              log) -> tuple[list[Decision], list[Decision], dict[str, float], list[int]]:
-    """(train examples, eval examples, stats, the data set's tiers) of `controller_sft.data`."""
+def load_data(cfg: Config, teacher: WorldController, tokenizer, log,
+              states=decision_states) -> tuple[list[Decision], list[Decision], dict[str, float], list[int]]:
+    """(train examples, eval examples, stats, the data set's tiers) of `controller_sft.data`; `states(traj, grid)`
+    gives a trajectory's decision states ([vlm hook]: clvr.learned.vlm's carry the canvas)."""
     from clvr.trajectories import load_trajectories
     from clvr.world.grammar import held_out
 
@@ -141,8 +147,8 @@ def load_data(cfg: Config, teacher: WorldController, tokenizer,
     ev_t = [t for t in use if _held_for_eval(t.id, s.eval_frac)]
     tr_t = [t for t in use if not _held_for_eval(t.id, s.eval_frac)]
     seen: set[tuple[str, str]] = set()
-    train = label_examples([st for t in tr_t for st in decision_states(t, grid)], teacher, budgets, tokenizer, seen)
-    evals = label_examples([st for t in ev_t for st in decision_states(t, grid)], teacher, budgets, tokenizer, seen)
+    train = label_examples([st for t in tr_t for st in states(t, grid)], teacher, budgets, tokenizer, seen)
+    evals = label_examples([st for t in ev_t for st in states(t, grid)], teacher, budgets, tokenizer, seen)
     if not train:
         raise ClvrError(f"controller_sft.data '{s.data}' gives no training example")
     rng = np.random.default_rng([s.seed, 1])
@@ -197,9 +203,10 @@ def collate(batch: list[Decision], pad: int) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def exact_match(model, lex: Lexicon, examples: list[Decision], pad: int) -> dict[str, float]:
+def exact_match(model, lex: Lexicon, examples: list[Decision], pad: int, collate_fn=None) -> dict[str, float]:
     """Share of examples whose greedy constrained decoding gives exactly the teacher's step (module docstring),
-    overall and per budget (`exact_match_b<b>`, b = 0 unbounded)."""
+    overall and per budget (`exact_match_b<b>`, b = 0 unbounded). `collate_fn(examples)` makes the model's inputs
+    ([vlm hook]; default `collate`)."""
     if not examples:
         return {}
     was = model.training
@@ -207,8 +214,8 @@ def exact_match(model, lex: Lexicon, examples: list[Decision], pad: int) -> dict
     hits: dict[int, list[bool]] = {}
     for i in range(0, len(examples), EVAL_BATCH):
         batch = examples[i: i + EVAL_BATCH]
-        b = collate(batch, pad)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        b = collate_fn(batch) if collate_fn else collate(batch, pad)
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
         for row, d in enumerate(batch):
             start = d.labels.index(next(x for x in d.labels if x != -100))
             parse, ok = StepParse(lex, d.scene), True
@@ -281,10 +288,10 @@ class ControllerTrainer:
         self.grid = cfg.world.grid
         self.teacher = WorldController(self.grid, cfg.loop.retries_per_step,
                                        k_success=load_k_success(s.k_success, "controller_sft.k_success"))
-        self.tokenizer = build_tokenizer(self.grid)
+        self.tokenizer = self.make_tokenizer()
         self.pad = self.tokenizer.pad_token_id
-        self.lex = Lexicon(self.tokenizer, self.grid)
-        self.train, self.evals, self.stats, self.tiers = load_data(cfg, self.teacher, self.tokenizer, log)
+        self.lex = self.make_lexicon()
+        self.train, self.evals, self.stats, self.tiers = self.load_data(log)
         self.seen = {(d.text, d.step) for d in (*self.train, *self.evals)}
         self.step = 0
         if eng_mod.init_dist(eng_mod.pick_device(cfg.engine.precision))[1] > 1:
@@ -298,6 +305,28 @@ class ControllerTrainer:
             log(f"[controller_sft] resumed from {resume} (step {self.step})")
         self.rounds: dict[int, list[Decision]] = {}
         self.live.train()
+
+    # ---- [vlm hook] what clvr.learned.vlm.VLMTrainer (model_class vlm) overrides ----------------------------------
+
+    def make_tokenizer(self):
+        return build_tokenizer(self.grid)
+
+    def make_lexicon(self) -> Lexicon | None:
+        return Lexicon(self.tokenizer, self.grid)
+
+    def load_data(self, log):
+        return load_data(self.cfg, self.teacher, self.tokenizer, log)
+
+    def batch(self, rows: list[Decision]) -> dict[str, torch.Tensor]:
+        return collate(rows, self.pad)
+
+    def measure(self, model, examples: list[Decision]) -> dict[str, float]:
+        return exact_match(model, self.lex, examples, self.pad)
+
+    def reload(self, folder: Path):
+        return load_controller(folder, self.grid)[0]
+
+    # ---- model -------------------------------------------------------------------------------------------------
 
     def build(self):
         s = self.s
@@ -400,19 +429,19 @@ class ControllerTrainer:
         """Rank 0 measures on the plain model (a gathered copy under ZeRO-3); {} on the other ranks."""
         e = self.engine
         if e.ecfg.zero_stage < 3:
-            return exact_match(self.plain(), self.lex, examples, self.pad) if e.is_main else {}
+            return self.measure(self.plain(), examples) if e.is_main else {}
         with tempfile.TemporaryDirectory(prefix="clvr-eval-") as d:
             with e.full_params():
                 if e.is_main:
                     self.save_model(Path(d))
-            ev = exact_match(load_controller(d, self.grid)[0], self.lex, examples, self.pad) if e.is_main else {}
+            ev = self.measure(self.reload(d), examples) if e.is_main else {}
         return ev
 
     def train_step(self, groups: list[list[int]], pool: list[Decision], phase_start: int) -> dict[str, float]:
         s = self.s
         lr = lr_at(self.step - phase_start, s.lr, s.warmup, s.steps, s.min_lr_frac)
         self.engine.set_lr(lr)
-        b = collate(self.rows(self.step, groups, pool), self.pad)
+        b = self.batch(self.rows(self.step, groups, pool))
         out = self.live(**{k: self.engine.to_device(v) for k, v in b.items()})
         gn = self.engine.step(out.loss)
         self.step += 1
@@ -482,4 +511,7 @@ def run(cfg: Config) -> dict:
     import sys
 
     torch.set_num_threads(cfg.controller_sft.threads)
-    return ControllerTrainer(cfg, Path(cfg.controller_sft.out), log=lambda m: print(m, file=sys.stderr, flush=True)).fit()
+    trainer = ControllerTrainer
+    if cfg.controller_sft.model_class == "vlm":  # [vlm hook] the real-scale path
+        from clvr.learned.vlm import VLMTrainer as trainer
+    return trainer(cfg, Path(cfg.controller_sft.out), log=lambda m: print(m, file=sys.stderr, flush=True)).fit()
