@@ -377,6 +377,7 @@ class ControllerSftCfg:
     eval_max: int = 1000  # at most this many eval examples (a fixed random subset)
     dagger_rounds: int = 0  # DAgger rounds after training: the student's own states, labelled, added, `steps` more
     dagger_prompts: int = 200  # fresh training-split prompts the student runs per round
+    dagger_steps: int = 0  # optimizer steps after each DAgger round (0 = steps)
     seed: int = 0
     threads: int = 1
 
@@ -393,6 +394,7 @@ class ControllerSftCfg:
              "a non-empty list of calls-left budgets >= 0 (0 = unbounded)", self.budgets)
         need_all(self, name, "lora_rank layers hidden heads kv_heads intermediate steps log_every eval_every "
                  "ckpt_every eval_max dagger_prompts threads", at_least(1), ">= 1")
+        need(at_least(0)(self.dagger_steps), f"{name}.dagger_steps", ">= 0 (0 = steps)", self.dagger_steps)
         need(self.hidden % self.heads == 0, f"{name}.hidden", f"a multiple of heads ({self.heads})", self.hidden)
         need(self.heads % self.kv_heads == 0, f"{name}.heads", f"a multiple of kv_heads ({self.kv_heads})", self.heads)
         need(positive(self.lora_alpha), f"{name}.lora_alpha", "> 0", self.lora_alpha)
@@ -429,7 +431,7 @@ class LoopCfg:
     k_success: str = ""
     retries_per_step: int = 2
     controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator): world | openai | learned
-    controller_model: str = ""  # the learned controller's checkpoint folder ("" = <controller_sft.out>/final)
+    controller_model: str = ""  # the learned controller's folder (loop.controller=learned; conf/base.yaml: ${controller_sft.out}/final)
     verifier: str = "world"
     generator: str = "world"
     model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle

@@ -7,7 +7,9 @@ tier, AUC, I_eff) on the released distilled model, the 4-NFE generator the loop 
 
 Writes to `cfg.eval.out`: `metrics.json` (`<model>_geneval_<tag>` and `<model>_geneval_overall`, the mean over
 tags, for each evaluated model: base, distilled, sft; `probe_<mode>_auc`, `probe_<mode>_tier<k>` for the modes
-single, loop and (with `eval.rewrite`) rewrite, `probe_auc_ratio`, `probe_i_eff`), `prompts.jsonl` (the suite: a
+single, loop and (with `eval.rewrite`) rewrite, `probe_auc_ratio`, `probe_i_eff`; with a learned controller
+(`loop.controller_model`, the controller_sft stage's output) its pass rate beside its teacher's, `learned_metrics`),
+`prompts.jsonl` (the suite: a
 data set DVC versions), `geneval.json` + `geneval.png` (DVC plots), `samples.png` (the first prompt of each tag
 per model; green frame = passed), `probe.json` + `probe.png` and `filmstrip.png` (one tier-10 prompt through the
 loop).
@@ -107,6 +109,43 @@ def probe_metrics(cfg: Config, generator, out: Path) -> dict[str, float]:
     trace = run_loop(md["prompt"], controller, generator, verifier, cfg.loop, seed=cfg.eval.seed,
                      grid=cfg.world.grid, cell=cfg.world.cell)
     save_png(out / "filmstrip.png", np.asarray(filmstrip(trace)))
+    return {**metrics, **learned_metrics(cfg, generator)}
+
+
+LEARNED_BUDGETS = (4, 0)  # the learned controller is compared with its teacher at <= 4 calls and unbounded
+
+
+def learned_metrics(cfg: Config, generator) -> dict[str, float]:
+    """The learned controller (`loop.controller_model`, the controller_sft stage's output) against its teacher,
+    the symbolic controller with the same per-k table (`controller_sft.k_success`), on the probe's prompts with the
+    probed generator, at each budget of `LEARNED_BUDGETS`: `probe_<teacher|learned>_<b4|unbounded>_pass` and
+    `..._tier<k>`, and the learned controller's `probe_learned_rejected` (outputs the loop refused) and
+    `probe_learned_decision_seconds_median` (its time per decision). Nothing when there is no controller folder."""
+    from dataclasses import replace
+
+    from clvr.learned.model import MARKER
+    from clvr.loop.run import build_roles
+    from clvr.probe import budget_label, probe_prompts, run_mode, with_budget
+
+    if not (Path(cfg.loop.controller_model) / MARKER).is_file():
+        return {}
+    prompts = probe_prompts(cfg.eval.probe_n_per_tier, cfg.eval.seed, cfg.world.grid)
+    metrics: dict[str, float] = {}
+    for who in ("teacher", "learned"):
+        c = replace(cfg, loop=replace(cfg.loop, controller="world" if who == "teacher" else "learned",
+                                      k_success=cfg.controller_sft.k_success))
+        roles = build_roles(c)
+        for b in LEARNED_BUDGETS:
+            rows = run_mode(with_budget(c, b), generator, prompts, "loop", cfg.eval.seed, roles)
+            key = f"probe_{who}_b{b}" if b else f"probe_{who}_unbounded"
+            metrics[f"{key}_pass"] = float(np.mean([r["passed"] for r in rows]))
+            for t in sorted({r["tier"] for r in rows}):
+                metrics[f"{key}_tier{t}"] = float(np.mean([r["passed"] for r in rows if r["tier"] == t]))
+            if who == "learned":
+                metrics["probe_learned_rejected"] = metrics.get("probe_learned_rejected", 0) + sum(r["rejected"] for r in rows)
+            print(f"[evaluate] {who} controller, {budget_label(b)} calls: pass {metrics[f'{key}_pass']:.3f}", flush=True)
+        if who == "learned":
+            metrics["probe_learned_decision_seconds_median"] = float(np.median(roles[0].stats.seconds))
     return metrics
 
 

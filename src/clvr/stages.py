@@ -194,8 +194,8 @@ STAGES: list[Stage] = [
     _train_stage("sft", "retrain", "clvr.train.sft:run", ("seed", "world", "sample", "engine", "sft"),
                  extra_deps=("{synthesize.out}/trajectories.jsonl", "{synthesize.out}/images")),  # sft.data
     Stage(name="evaluate", flow="retrain", func="clvr.evaluate:run", section="eval",
-          params=("seed", "world", "sample", "loop", "controller", "weights", "eval"),
-          deps=("{sft.out}/final", *code_deps("clvr.evaluate"), WEIGHTS),
+          params=("seed", "world", "sample", "loop", "controller", "weights", "eval", "controller_sft.k_success"),
+          deps=("{sft.out}/final", "{controller_sft.out}/final", *code_deps("clvr.evaluate"), WEIGHTS),
           outs=("{eval.out}/prompts.jsonl", "{eval.out}/samples.png"),
           metrics=("{eval.out}/metrics.json",),
           plots=(("{eval.out}/geneval.json", {"template": "bar_horizontal", "x": "accuracy", "y": "group",

@@ -52,7 +52,7 @@ def greedy_step(model, tokenizer, lex: Lexicon, state: LoopState, max_new_tokens
     new: list[int] = []
     while len(new) < max_new_tokens:
         allowed = parse.allowed()
-        tok = allowed[int(torch.argmax(logits[allowed]))] if len(allowed) > 1 else allowed[0]
+        tok = allowed[int(torch.argmax(logits[torch.tensor(allowed)]))] if len(allowed) > 1 else allowed[0]
         parse.feed(tok)
         new.append(tok)
         if parse.done:

@@ -65,7 +65,7 @@ class StepParse:
         if self.done:
             return [lex.eos]
         if self.phase in ("start", "op"):
-            heads = [i for i, h in lex.heads.items() if self._cells(h, self.used)]
+            heads = self._heads()
             return [lex.stop, *([lex.edit_open] if heads else []), *heads] if self.phase == "start" else heads
         kind = self.op[0]
         if self.phase == "cell":
@@ -75,6 +75,14 @@ class StepParse:
         if self.phase == "new_color":
             return [lex.new_color[c, e] for c in COLORS if c != self.op[2] for e in self._ends(set())]
         return [lex.to[c, e] for c in sorted(self.free - self.used) for e in self._ends({c})]  # "to"
+
+    def _heads(self) -> list[int]:
+        """Heads with at least one cell to act on: an add needs a free cell, a move an object and a free cell,
+        a remove or recolor an object of its shape and colour on a cell no op of this step uses yet."""
+        free = bool(self.free - self.used)
+        there = {k for k, cells in self.where.items() if any(c not in self.used for c in cells)}
+        return [i for i, (op, shape, color) in self.lex.heads.items()
+                if (free if op == "add" else (shape, color) in there and (free or op != "move"))]
 
     def _cells(self, head: tuple[str, str, str], used: set[Cell]) -> list[Cell]:
         """Cells an op of this head may act on, given the cells already used."""

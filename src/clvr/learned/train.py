@@ -24,8 +24,9 @@ lexemes the grammar allows there (`StepParse`); so it is measured in one teacher
 
 DAgger (`dagger_rounds`): after the first `steps`, each round runs the student in the loop (the `noisy-oracle`
 generator, the world verifier) on `dagger_prompts` training-split prompts sampled afresh (the same ones each round),
-at each budget; the states it reaches are labelled by the teacher at every budget and added to the pool (`rounds/round-N.jsonl`, so a
-resumed run trains on the same data), then `steps` more steps follow, each phase with its own warm-up and decay.
+at each budget; the states it reaches are labelled by the teacher at every budget and added to the pool
+(`rounds/round-N.jsonl`, so a resumed run trains on the same data), then `dagger_steps` (0 = `steps`) more steps
+follow, each phase with its own warm-up and decay.
 Exact match before and after each round, and the student's own exact match and pass rate on the round's states,
 go into metrics.
 """
@@ -437,9 +438,21 @@ class ControllerTrainer:
             ev = self.measure(self.reload(d), examples) if e.is_main else {}
         return ev
 
-    def train_step(self, groups: list[list[int]], pool: list[Decision], phase_start: int) -> dict[str, float]:
+    def phase_bounds(self, phase: int) -> tuple[int, int]:
+        """[start, end) steps of phase 0 (the first training: `steps`) or DAgger round `phase` (`dagger_steps`,
+        0 = `steps`)."""
         s = self.s
-        lr = lr_at(self.step - phase_start, s.lr, s.warmup, s.steps, s.min_lr_frac)
+        ds = s.dagger_steps or s.steps
+        return (0, s.steps) if phase == 0 else (s.steps + (phase - 1) * ds, s.steps + phase * ds)
+
+    def phase_of(self, step: int) -> int:
+        ds = self.s.dagger_steps or self.s.steps
+        return 0 if step < self.s.steps else 1 + (step - self.s.steps) // ds
+
+    def train_step(self, groups: list[list[int]], pool: list[Decision], phase_start: int,
+                   phase_len: int) -> dict[str, float]:
+        s = self.s
+        lr = lr_at(self.step - phase_start, s.lr, s.warmup, phase_len, s.min_lr_frac)
         self.engine.set_lr(lr)
         b = self.batch(self.rows(self.step, groups, pool))
         out = self.live(**{k: self.engine.to_device(v) for k, v in b.items()})
@@ -451,30 +464,30 @@ class ControllerTrainer:
         self.engine.save(self.out, self.step, self.save_model, {"config": to_dict(self.cfg)})
 
     def fit(self) -> dict:
-        """Train `steps`, then each DAgger round and `steps` more. Rank 0 writes metrics.jsonl, final/ and
-        metrics.json (flat floats); every rank returns rank 0's metrics."""
+        """Train `steps`, then each DAgger round and `dagger_steps` (0 = `steps`) more. Rank 0 writes
+        metrics.jsonl, final/ and metrics.json (flat floats); every rank returns rank 0's metrics."""
         s, out, e = self.s, self.out, self.engine
         main = e.is_main
         t0 = time.perf_counter()
         log = ckpt.MetricsLog(out / "metrics.jsonl", self.step) if main else None
-        total = s.steps * (1 + s.dagger_rounds)
+        total = self.phase_bounds(s.dagger_rounds)[1]
         summary: dict[str, float] = {}
         last: dict[str, float] = {}
         bar = tqdm(total=total, initial=self.step, desc="controller_sft", dynamic_ncols=True, mininterval=2,
                    disable=not main)
         while self.step < total:
-            phase = self.step // s.steps
+            phase = self.phase_of(self.step)
             for r in range(1, phase + 1):
                 if r not in self.rounds:
-                    if self.step == r * s.steps:  # (rank 0 measures; the others get {})
+                    if self.step == self.phase_bounds(r)[0]:  # (rank 0 measures; the others get {})
                         summary.update({f"dagger_r{r}_before_{k}": v for k, v in self.exact_match(self.evals).items()})
                     self.rounds[r] = self.round_data(r)
                     rm = out / ROUNDS / f"round-{r}.metrics.json"
                     summary.update({f"dagger_r{r}_{k}": v for k, v in ckpt.read_json(rm).items()})
-            pool, start, end = self.pool(phase), phase * s.steps, (phase + 1) * s.steps
+            pool, (start, end) = self.pool(phase), self.phase_bounds(phase)
             groups = length_groups(pool, s.batch_size, s.seed)
             while self.step < end:
-                stats = self.train_step(groups, pool, start)
+                stats = self.train_step(groups, pool, start, end - start)
                 bar.update(1)
                 if self.step % s.log_every == 0 or self.step == end:
                     last = e.mean_stats(stats)
@@ -507,7 +520,7 @@ class ControllerTrainer:
 
 
 def run(cfg: Config) -> dict:
-    """The stage: train (and DAgger) to `controller_sft.steps * (1 + dagger_rounds)`; {"metrics", "final"}."""
+    """The stage: train (and DAgger) to `controller_sft.steps + dagger_rounds * dagger_steps`; {"metrics", "final"}."""
     import sys
 
     torch.set_num_threads(cfg.controller_sft.threads)
