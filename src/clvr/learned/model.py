@@ -54,7 +54,9 @@ def load_controller(path: str | Path, grid: int) -> tuple[Qwen3ForCausalLM, PreT
     """(model in eval mode, tokenizer) of a controller folder; CheckpointError naming the path when it is not
     one, is for another grid or vocabulary, or its weights do not load."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as tlog
 
+    tlog.disable_progress_bar()  # a 1 MB model: no "Loading weights" bar in the CLI's output
     folder = Path(path)
     try:
         marker = json.loads((folder / MARKER).read_text())
