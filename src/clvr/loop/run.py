@@ -280,24 +280,18 @@ LEARNED = "learned"  # the learned controller's key (clvr.learned.controller reg
 
 
 def register_controllers() -> list[str]:
-    """Import the modules that register controller backends beyond the world one ("openai"; "learned" when the
-    clvr.learned package is there); returns the known keys, sorted."""
+    """Import the modules that register controller backends beyond the world one ("openai", "learned"); returns
+    the known keys, sorted."""
     import clvr.loop.vlm_controller  # noqa: F401  (registers "openai")
 
-    try:
-        import clvr.learned.controller  # noqa: F401  (registers "learned")
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("clvr.learned"):
-            raise
+    import clvr.learned.controller  # noqa: F401  (registers "learned")
+
     return sorted(CONTROLLERS)
 
 
 def check_controller(key: str) -> None:
     """An unknown controller key -> ClvrError listing the known ones (call it before any weights load)."""
     known = register_controllers()
-    if key == LEARNED and key not in known:
-        raise ClvrError(f"controller '{LEARNED}' needs the clvr.learned package, which this install lacks "
-                        f"(known controllers: {', '.join(known)})")
     if key not in known:
         raise ClvrError(f"unknown controller '{key}' (known: {', '.join(known)}; config loop.controller, "
                         f"--controller)")
