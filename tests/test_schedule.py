@@ -173,7 +173,7 @@ def test_pipeline_lock_turns_a_second_run_away(tmp_path):
         holder.kill()  # SIGKILL: the kernel drops the lock with the process
         holder.wait()
     res = retrain.fn(profile="ci", root=str(root), dry_run=True)
-    assert res["dry_run"] and res["stages"] == [s.name for s in flow_stages("retrain")] == ["synthesize", "sft", "evaluate"]
+    assert res["dry_run"] and res["stages"] == [s.name for s in flow_stages("retrain")] == ["synthesize", "controller_sft", "sft", "evaluate"]
     from flows.foundation import foundation
 
     res = foundation.fn(profile="ci", root=str(root), dry_run=True)
