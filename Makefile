@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e .
 	touch $(STAMP)
 
-# The retrain flow (synthesize, sft, evaluate) from the shipped weights in src/clvr/weights.
+# The retrain flow (synthesize, controller_sft, sft, evaluate) from the shipped weights in src/clvr/weights.
 run: setup
 	$(VENV)/bin/clvr pipeline run --profile cpu
 
