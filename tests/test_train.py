@@ -329,7 +329,7 @@ def test_engine_config_errors_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match="pretrain.batch_size"):  # 8 does not split over 3 ranks
         load_config("ci")
     assert load_config("ci", ["pretrain.batch_size=9", "finetune.batch_size=9", "distill.batch_size=9",
-                                "sft.batch_size=9"]).pretrain.batch_size == 9
+                                "sft.batch_size=9", "controller_sft.batch_size=9"]).pretrain.batch_size == 9
 
 
 def test_ranks_draw_disjoint_slices_of_one_seeded_global_batch(tmp_path):
