@@ -1,11 +1,11 @@
 """The "learned" controller backend: a small causal LM proposes every next step under constrained decoding.
 
-Planning stays symbolic, as for the VLM controller (clvr.loop.vlm_controller): the world parser validates the
-prompt (unknown words -> the same ClvrError as the symbolic path) and the solver gives the target layout the
-verifier checks against. Each decision is the LM's: it reads `state_text(state)` (the prompt, the calls left,
-the detected canvas, the verifier's reports, the failed tries) and writes the step's lexemes greedily, each
-one restricted by `StepParse` to what the schema and the state allow. The single-step baseline's one
-`generate` step needs no LM and comes from the symbolic controller.
+Planning stays symbolic, as for the VLM controller (both are `clvr.loop.controller.ModelController`s): the
+world parser validates the prompt (unknown words -> the same ClvrError as the symbolic path) and the solver gives
+the target layout the verifier checks against. Each decision is the LM's: it reads `state_text(state)` (the
+prompt, the calls left, the detected canvas, the verifier's reports, the failed tries) and writes the step's
+lexemes greedily, each one restricted by `StepParse` to what the schema and the state allow. The single-step
+baseline's one `generate` step needs no LM and comes from the symbolic controller.
 
 A generation that hits `max_new_tokens` before its step is complete is returned as a record that is not a
 step (`{"op": null, "truncated": ...}`): the loop rejects and counts it, never runs it; the controller then
@@ -28,8 +28,8 @@ from clvr.learned.grammar import Lexicon, StepParse
 from clvr.learned.model import load_controller
 from clvr.learned.state import state_text
 from clvr.learned.tokens import decode_step, encode_state
-from clvr.loop.controller import STOP, WorldController
-from clvr.loop.roles import LoopState, Plan, register_controller
+from clvr.loop.controller import ModelController
+from clvr.loop.roles import LoopState, register_controller
 
 TRUNCATED = "truncated"
 
@@ -62,27 +62,19 @@ def greedy_step(model, tokenizer, lex: Lexicon, state: LoopState, max_new_tokens
     return new, False
 
 
-class LearnedController:
+class LearnedController(ModelController):
     name = "learned"
 
     def __init__(self, model: str | Path, grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
                  max_new_tokens: int = 160):
-        self.world = WorldController(grid, retries_per_step, max_prompt_chars)
+        super().__init__(grid, retries_per_step, max_prompt_chars)
         self.path = str(model)
         self.model, self.tokenizer = load_controller(model, grid)
         self.lex = Lexicon(self.tokenizer, grid)
         self.max_new_tokens = max_new_tokens
         self.stats = DecodeStats()
-        self._ended: dict[int, LoopState] = {}  # states whose output was cut off (held, so ids stay unique)
 
-    def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
-        return self.world.plan(prompt, mode, seed)
-
-    def next(self, state: LoopState) -> dict:
-        if state.plan.mode == "single":
-            return self.world.next(state)
-        if self._ended.pop(id(state), None) is not None:
-            return dict(STOP)
+    def propose(self, state: LoopState) -> tuple[dict, bool]:
         t = time.perf_counter()
         ids, complete = greedy_step(self.model, self.tokenizer, self.lex, state, self.max_new_tokens)
         self.stats.decisions += 1
@@ -90,10 +82,9 @@ class LearnedController:
         self.stats.tokens.append(len(ids))
         if not complete:
             self.stats.truncated += 1
-            self._ended[id(state)] = state
             return {"op": None, TRUNCATED: f"cut off at {len(ids)} tokens: "
-                                           + self.tokenizer.decode(ids, skip_special_tokens=True)[:300]}
-        return decode_step(self.tokenizer, ids)
+                                           + self.tokenizer.decode(ids, skip_special_tokens=True)[:300]}, True
+        return decode_step(self.tokenizer, ids), False
 
 
 @register_controller("learned")

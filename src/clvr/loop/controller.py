@@ -221,6 +221,35 @@ class WorldController:
         return STOP  # nothing left worth trying: the loop ends and reports the judge's verdict
 
 
+class ModelController:
+    """A controller whose every loop step is a model's (`propose`), on the world controller's symbolic plan: the
+    parser and solver give the constraints and the target layout the verifier checks against, and single-step
+    mode (the baseline, no model) is the world controller's. When `propose` gives up on a trajectory (an endpoint
+    error, a generation cut off), its record ends that trajectory: the loop rejects it (it is not a step) and
+    the next call returns STOP."""
+
+    def __init__(self, grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500):
+        self.world = WorldController(grid, retries_per_step, max_prompt_chars)
+        self._ended: dict[int, LoopState] = {}  # states given up on (held, so ids stay unique)
+
+    def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
+        return self.world.plan(prompt, mode, seed)
+
+    def next(self, state: LoopState) -> dict:
+        if state.plan.mode == "single":
+            return self.world.next(state)
+        if self._ended.pop(id(state), None) is not None:
+            return dict(STOP)
+        step, gave_up = self.propose(state)
+        if gave_up:
+            self._ended[id(state)] = state
+        return step
+
+    def propose(self, state: LoopState) -> tuple[dict, bool]:
+        """(the model's next step as an untrusted dict, whether it gave up on this trajectory)."""
+        raise NotImplementedError
+
+
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ClvrError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")

@@ -20,44 +20,35 @@ from __future__ import annotations
 import ast
 
 from clvr.config import ControllerCfg
-from clvr.loop.controller import STOP, WorldController
-from clvr.loop.roles import LoopState, Plan, register_controller
+from clvr.loop.controller import STOP, ModelController
+from clvr.loop.roles import LoopState, register_controller
 from clvr.vlm import NEXT_STEP, REWRITE_STEP, OpenAIController, VLMControllerError
 
 GAVE_UP = "controller_error"  # key of the give-up record
 
 
-class VLMController:
+class VLMController(ModelController):
     name = "openai"
 
     def __init__(self, cfg: ControllerCfg, grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500):
-        self.world = WorldController(grid, retries_per_step, max_prompt_chars)
+        super().__init__(grid, retries_per_step, max_prompt_chars)
         self.client = OpenAIController(cfg, grid)
-        self._ended: dict[int, LoopState] = {}  # states whose controller gave up (held, so ids stay unique)
 
     @property
     def stats(self):
         """Wire statistics of the endpoint (clvr.vlm.VLMStats): requests, ok, retries, rejects by category."""
         return self.client.stats
 
-    def plan(self, prompt: str, mode: str = "loop", seed: int = 0) -> Plan:
-        return self.world.plan(prompt, mode, seed)
-
-    def next(self, state: LoopState) -> dict:
-        if state.plan.mode == "single":
-            return self.world.next(state)
-        if self._ended.pop(id(state), None) is not None:
-            return dict(STOP)
+    def propose(self, state: LoopState) -> tuple[dict, bool]:
         rewrite = state.plan.mode == "rewrite"
         if rewrite and state.calls:
-            return dict(STOP)
+            return dict(STOP), False
         try:
             step = self.client.propose(state.plan.prompt, state.canvas, state.history, state.active,
                                        REWRITE_STEP if rewrite else NEXT_STEP)
         except VLMControllerError as e:
-            self._ended[id(state)] = state
-            return {"op": "stop", GAVE_UP: str(e)}
-        return step.to_dict()
+            return {"op": "stop", GAVE_UP: str(e)}, True
+        return step.to_dict(), False
 
     def close(self) -> None:
         self.client.close()
