@@ -364,7 +364,7 @@ class ControllerSftCfg:
     intermediate: int = 384
     min_share: float = 0.0  # each kind of step (its op) repeated to at least this share of the examples (0 = off)
     compose_init: bool = True  # a fresh model's output lexemes start as the sum of their words (clvr.learned.train)
-    steps: int = 600  # optimizer steps (per phase: the first training, then each DAgger round)
+    steps: int = 600  # optimizer steps of the first training (and of each DAgger round when dagger_steps is 0)
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
@@ -375,7 +375,7 @@ class ControllerSftCfg:
     ckpt_every: int = 200
     eval_frac: float = 0.05  # share of the (training-split) trajectories whose states are held out for the eval
     eval_max: int = 1000  # at most this many eval examples (a fixed random subset)
-    dagger_rounds: int = 0  # DAgger rounds after training: the student's own states, labelled, added, `steps` more
+    dagger_rounds: int = 0  # DAgger rounds after training: the student's own states, labelled, added, trained on
     dagger_prompts: int = 200  # fresh training-split prompts the student runs per round
     dagger_steps: int = 0  # optimizer steps after each DAgger round (0 = steps)
     seed: int = 0

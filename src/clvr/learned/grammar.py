@@ -59,8 +59,14 @@ class StepParse:
         self.cells = self.free | {o.cell for o in scene.objects}
         self.phase = "start"  # start | op | cell | new_color | to
         self.in_edit, self.op, self.done = False, None, False
+        self._allowed: list[int] | None = None  # what may follow now (computed once per position)
 
     def allowed(self) -> list[int]:
+        if self._allowed is None:
+            self._allowed = self._next_lexemes()
+        return self._allowed
+
+    def _next_lexemes(self) -> list[int]:
         lex = self.lex
         if self.done:
             return [lex.eos]
@@ -105,6 +111,7 @@ class StepParse:
     def feed(self, tok: int) -> None:
         if tok not in self.allowed():
             raise ValueError(f"lexeme {tok} is not allowed in phase {self.phase!r}")
+        self._allowed = None
         lex = self.lex
         if self.done:
             return

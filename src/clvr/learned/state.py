@@ -14,8 +14,9 @@
 Order matters to a 2-layer model, which mostly copies: the text ends with the gap, missing then wrong, each in
 REVERSE reading order, so the object of the step's first op (a wrong one's if any, else the first missing one
 in reading order, as the teacher orders them) sits right before the output, the next one before it, and so on.
-With missing and wrong in reading order in the middle of the text, the cpu profile's 500 steps reached 0.39 exact
-match with the teacher; in this order 0.94.
+Measured (exact match with the teacher, 2,200 cpu trajectories, the SFT generator's per-k table, one 1500-step
+run each): with missing and wrong in reading order in the middle of the text 0.42 / 0.79 / 0.95 after 500 / 1000
+/ 1500 steps; in this order 0.60 / 0.95 / 1.00.
 
 This is the one serialization of a state for the LM (`clvr.learned.tokens` owns the words).
 """
