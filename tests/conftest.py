@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from clvr.train import loop
@@ -28,3 +30,14 @@ def die_at_step(monkeypatch):
             monkeypatch.setattr(loop.Trainer, "train_step", real_step)
 
     return die
+
+
+def clvr(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `clvr ARGS...` in-process (tests import it: `from conftest import clvr`) -> (exit code, stdout, stderr)."""
+    from clvr.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["clvr", *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out, err = capsys.readouterr()
+    return e.value.code or 0, out, err

@@ -3,20 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from clvr.cli import main
+from conftest import clvr
 from clvr.loop.trace import Trace
-
-
-def clvr(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["clvr", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
 
 
 def test_generate_writes_final_filmstrip_and_trace(monkeypatch, capsys, tmp_path):

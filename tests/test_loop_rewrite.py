@@ -5,13 +5,12 @@ command line (`--controller KEY`, `loop.controller_model`)."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from clvr.cli import main
+from conftest import clvr
 from clvr.config import ConfigError, LoopCfg, load_config, validate
 from clvr.generator import GenRequest
 from clvr.loop import make_verifier, run_loop
@@ -141,14 +140,6 @@ def test_eval_rewrite_must_be_a_bool():
 
 
 # ---- the controller choice ----------------------------------------------------------------------------------
-
-def clvr(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["clvr", *args])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
-
 
 def test_controller_option_reaches_the_config():
     from clvr.cli.loop_cmd import EVAL_USES, GENERATE_USES, _cfg
