@@ -49,7 +49,7 @@ from clvr.loop.controller import step_key
 from clvr.loop.roles import (CONTROLLERS, Controller, LoopState, Perception, Verifier, make_controller,
                              make_verifier)
 from clvr.loop.trace import StepRecord, Trace
-from clvr.registry import ORACLES, check_model_name
+from clvr.registry import ORACLES
 from clvr.steps import SchemaError, Step
 from clvr.world.render import blank
 from clvr.world.scene import Scene
@@ -265,15 +265,15 @@ def _advance(i: int, co: Coroutine, res: GenResult | None, pending: dict, traces
 
 
 def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: float | None = None) -> Generator:
-    """`model`: base | distilled | a checkpoint folder (the `loop.generator` backend, sampling at `steps` and
-    `guidance`, None = the checkpoint's recorded default), or oracle | noisy-oracle."""
+    """`model`: oracle | noisy-oracle, or what the `loop.generator` backend loads (the world's: base | distilled |
+    a checkpoint folder), sampling at `steps` and `guidance` (None = the checkpoint's recorded default). Every
+    backend factory gets the whole config as `cfg` and checks its own `model` before anything loads."""
     import clvr.models  # noqa: F401  (registers the world backend)
     from clvr.generator import make_generator
 
     if model in ORACLES:
         return make_generator(model, grid=cfg.world.grid, cell=cfg.world.cell, appearance=cfg.world.appearance)
-    check_model_name(model)
-    return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance)
+    return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance, cfg=cfg)
 
 
 LEARNED = "learned"  # the learned controller's key (clvr.learned.controller registers it)
@@ -314,6 +314,11 @@ def build_controller(cfg: Config) -> Controller:
     return make_controller(cfg.loop.controller, **kw)
 
 
+def build_verifier(cfg: Config) -> Verifier:
+    """The verifier `loop.verifier` names; every verifier factory gets the grid and the whole config as `cfg`."""
+    return make_verifier(cfg.loop.verifier, grid=cfg.world.grid, cfg=cfg)
+
+
 def build_roles(cfg: Config) -> tuple[Controller, Verifier]:
     """The controller and verifier the config names (`loop.controller`, `loop.verifier`)."""
-    return build_controller(cfg), make_verifier(cfg.loop.verifier, grid=cfg.world.grid)
+    return build_controller(cfg), build_verifier(cfg)

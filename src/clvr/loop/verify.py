@@ -84,5 +84,5 @@ class WorldVerifier:
 
 
 @register_verifier("world")
-def world_verifier(grid: int = 4) -> WorldVerifier:
+def world_verifier(grid: int = 4, **_: object) -> WorldVerifier:
     return WorldVerifier(grid)

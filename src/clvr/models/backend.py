@@ -21,7 +21,7 @@ from clvr.models.pipeline import WorldPipeline
 from clvr.train.data import join_text
 from clvr.world.render import blank
 
-from clvr.registry import SHIPPED, WEIGHTS_DIR, model_path as resolve_model  # noqa: F401  (model names: one place)
+from clvr.registry import SHIPPED, WEIGHTS_DIR, check_model_name, model_path as resolve_model  # noqa: F401  (model names: one place)
 
 
 def load_pipeline(model: str | Path) -> WorldPipeline:
@@ -152,5 +152,7 @@ class WorldGenerator:
 @register_generator("world")
 def world_generator(model: str = "base", steps: int | None = None, guidance: float | None = None,
                     **_: object) -> WorldGenerator:
+    """Registry factory: `model` is base | distilled | a checkpoint folder (an unknown name is a ClvrError)."""
+    check_model_name(model)
     name = f"world-{model}" if model in SHIPPED else f"world:{model}"
     return WorldGenerator(load_pipeline(model), steps, guidance, name=name)

@@ -30,8 +30,7 @@ class Engine:
 
     def __init__(self, cfg: Config, model: str):
         from clvr.generator import make_generator
-        from clvr.loop.roles import make_verifier
-        from clvr.loop.run import build_controller, load_generator
+        from clvr.loop.run import build_controller, build_verifier, load_generator
 
         self.cfg, self.s, self.out = cfg, cfg.synthesize, Path(cfg.synthesize.out)
         if model in ORACLES:  # no network: skip importing the model stack (seconds)
@@ -40,7 +39,7 @@ class Engine:
             self.generator = load_generator(replace(cfg, loop=replace(cfg.loop, generator=self.s.generator)), model,
                                             self.s.steps or None, None if self.s.guidance < 0 else self.s.guidance)
         self.controller = build_controller(cfg)
-        self.verifier = make_verifier(cfg.loop.verifier, grid=cfg.world.grid)
+        self.verifier = build_verifier(cfg)
 
     def run_shard(self, shard: int) -> tuple[int, int, int]:
         """Generate, record and commit one shard; returns (shard, trajectories, accepted)."""
