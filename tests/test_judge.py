@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from clvr.errors import ClvrError
-from clvr.judge import (Failure, describe, failures, judge, judge_image, read_jsonl, relative_position, score_folder,
-                        unsupported, validate_metadata)
+from clvr.judge import (GENEVAL_METADATA, Failure, describe, failures, judge, judge_image, read_jsonl,
+                        relative_position, score_folder, unsupported, validate_metadata)
 from clvr.world.bench import render_suite
 from clvr.world.detector import Detection, WorldDetector, detect, scene_detections
 from clvr.world.grammar import TIERS, sample_prompt
@@ -15,9 +15,6 @@ from clvr.world.render import render
 from clvr.world.scene import Obj, Scene
 from clvr.world.solver import solve
 from clvr.world.vocab import COLORS, count_noun
-
-GENEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
-
 
 def verdict(md, scene):
     return judge(md, detect(render(scene)))
@@ -150,9 +147,9 @@ def test_pluggable_detector_judges_real_geneval_classes():
         judge_image(md, render(Scene()), WorldDetector())
 
 
-@pytest.mark.skipif(not GENEVAL.is_file(), reason=f"GenEval metadata not found at {GENEVAL} (../shared absent)")
 def test_real_geneval_metadata_loads_and_validates():
-    mds = read_jsonl(GENEVAL)
+    assert GENEVAL_METADATA.is_relative_to(Path(__file__).resolve().parents[1])  # inside this repository
+    mds = read_jsonl(GENEVAL_METADATA)
     assert len(mds) == 553
     tags = {m["tag"] for m in mds}
     assert tags == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}

@@ -35,6 +35,9 @@ from clvr.io import MARKER, atomic_write_text, check_out_file, load_png, replace
 from clvr.world.vocab import GRID, RELATIONS, count_noun, plural
 
 POSITION_THRESHOLD = 0.1
+# The 553 prompts of the public GenEval benchmark (djghosh13/geneval, MIT), carried in the repository with their
+# licence and source (benchmarks/geneval/README.md). A source checkout's path: the installed package omits them.
+GENEVAL_METADATA = Path(__file__).resolve().parents[2] / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
 CLAUSE_KEYS = {"include": ("class", "count", "color", "position"), "exclude": ("class", "count", "color")}
 
 Box = tuple[float, float, float, float]
