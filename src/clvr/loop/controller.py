@@ -3,7 +3,7 @@ then, after every step, the next step from the verifier's reports.
 
 Planning choice: the canvas starts blank and every object is placed by its own grounded `add` (in reading
 order of the target layout). Each step then names one cell, so the generator is grounded there (the
-location signal that made edits work, DESIGN §6) and passive verification can check exactly that cell.
+location signal that made edits work, docs/DESIGN.md §4) and passive verification can check exactly that cell.
 A first ungrounded text-to-image step would put its object at a cell the layout did not choose, and
 single-step text-to-image already fails at 2+ objects. `generate` is the single-step mode's one step. The
 rewrite mode (the open-loop baseline) plans as the loop does and emits the whole plan once, as one multi-op
