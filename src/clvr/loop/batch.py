@@ -36,7 +36,7 @@ from typing import Callable
 from clvr.config import MAX_SEED, Config
 from clvr.errors import ClvrError
 from clvr.generator import Generator
-from clvr.io import atomic_dir, atomic_write_text, claim_dir, mark_dir, save_png
+from clvr.io import atomic_dir, atomic_write_text, claim_dir, mark_dir, owner_of, save_png
 from clvr.judge import read_jsonl
 from clvr.loop.controller import STOP, check_prompt
 from clvr.loop.roles import Controller, LoopState, Plan, Verifier
@@ -95,9 +95,12 @@ def check_folder(root: Path, records: list[dict], settings: dict, source: str) -
     todo = []
     for i, md in enumerate(records):
         d = folder(root, i)
-        if not (d / "metadata.jsonl").is_file():
+        if not d.exists():
             todo.append(i)
             continue
+        if not (d / "metadata.jsonl").is_file():  # every folder this command writes has one
+            raise ClvrError(f"{d} has no metadata.jsonl: it was not made by `clvr generate --metadata`; move it "
+                            f"away or use a new --outdir")
         old = read_jsonl(d / "metadata.jsonl")[0]
         if old != md:
             raise ClvrError(f"{d} holds prompt {old['prompt']!r} but line {i + 1} of {source} is {md['prompt']!r}: "
@@ -175,7 +178,8 @@ def generate_folder(cfg: Config, records: list[dict], root: Path, todo: list[Tod
     controller, verifier = roles
     mode, k, seed = settings["mode"], settings["samples"], settings["seed"]
     root.mkdir(parents=True, exist_ok=True)
-    mark_dir(root, OWNER)
+    if owner_of(root) != OWNER:
+        mark_dir(root, OWNER)
     for stale in root.glob(".tmp-*"):  # a killed run's unfinished prompt folders
         shutil.rmtree(stale, ignore_errors=True)
     skipped = [t for t in todo if t.skip]

@@ -117,6 +117,12 @@ class VLMVerifier:
     def close(self) -> None:
         self.client.close()
 
+    def __enter__(self) -> "VLMVerifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def perceive(self, image: np.ndarray) -> SeenImage:
         p = self.base.perceive(image)
         return SeenImage(p.detections, p.scene, image)
