@@ -120,6 +120,36 @@ def test_world_round_trip_resume_and_refusals(monkeypatch, capsys, tmp_path):
     assert code == 2 and "not empty" in err and (foreign / "cat.jpg").read_text() == "x"
 
 
+def test_a_killed_batch_resumes_where_it_stopped(monkeypatch, capsys, tmp_path):
+    """Killed in its third round of loops: the prompts of the first two rounds are on disk, complete, and the
+    rerun does only the rest; the result equals an uninterrupted run's."""
+    import clvr.loop.batch as batch_mod
+
+    md = tmp_path / "world.jsonl"
+    rows = world_metadata(md)
+    real_run_many, rounds = batch_mod.run_many, []
+
+    def dying(*a, **kw):
+        rounds.append(len(a[0]))
+        if len(rounds) == 3:
+            raise KeyboardInterrupt
+        return real_run_many(*a, **kw)
+
+    monkeypatch.setattr(batch_mod, "run_many", dying)
+    code, res, err = batch(monkeypatch, capsys, md, tmp_path / "out", "--model", "oracle", "--set", "eval.batch_size=2")
+    assert code != 0 and res is None and len(rounds) == 3  # the CLI reports the interrupt (click: "Aborted!")
+    done = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.isdigit())
+    assert done == ["00000", "00001", "00002", "00003"] and not list((tmp_path / "out").glob(".tmp-*"))
+    monkeypatch.setattr(batch_mod, "run_many", real_run_many)
+    code, res, err = batch(monkeypatch, capsys, md, tmp_path / "out", "--model", "oracle", "--set", "eval.batch_size=2")
+    assert code == 0 and res["kept"] == 4 and res["generated"] == len(rows) - 4
+    code, res, err = batch(monkeypatch, capsys, md, tmp_path / "whole", "--model", "oracle")
+    assert code == 0
+    for i in range(len(rows)):
+        a, b = (tmp_path / d / f"{i:05d}" / "samples" / "0000.png" for d in ("out", "whole"))
+        assert np.array_equal(load_png(a), load_png(b))
+
+
 def test_real_geneval_prompts_single_mode_and_unplannable_loop_prompts(monkeypatch, capsys, tmp_path):
     real, mixed = tmp_path / "real.jsonl", tmp_path / "mixed.jsonl"
     rows = real_metadata(real)
