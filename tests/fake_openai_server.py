@@ -1,14 +1,20 @@
 """A fake OpenAI-compatible chat-completions server for tests: a real HTTP server on 127.0.0.1 (ephemeral port)
 in a thread. Each POST takes the next scripted `Answer` (good, malformed, hostile, slow, error, dropped) and
-is recorded (path, headers, JSON body) so tests can check what the client sent.
+is recorded (path, headers, JSON body) so tests can check what the client sent. With no scripted answer left, a
+`responder` (if given) computes the answer from the request's JSON body: e.g. `world_judge`, a VLM judge that
+looks at the attached image (the world detector) and answers every constraint key truthfully.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import base64
+import io
+import re
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
 
 
 @dataclass
@@ -39,10 +45,46 @@ def content_answer(text: str, **kw) -> Answer:
     return Answer(envelope(text), **kw)
 
 
+def verdict_answer(verdicts: dict[str, bool], **kw) -> Answer:
+    """A judge's answer: {"c1": true, ...}."""
+    return Answer(envelope(json.dumps(verdicts)), **kw)
+
+
+def request_image(body: dict):
+    """The (H, W, 3) uint8 image of a chat-completions request's data-URL image part."""
+    import numpy as np
+    from PIL import Image
+
+    part = next(p for p in body["messages"][-1]["content"] if p["type"] == "image_url")
+    data = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def world_judge(metadata_of: Callable[[str], dict], grid: int = 4) -> Callable[[dict], Answer]:
+    """A responder that judges like a perfect VLM in the world: it reads the prompt from the request's text,
+    takes its metadata from `metadata_of(prompt)`, checks that the request's constraint lines are that
+    metadata's (clvr.judge.constraint_texts), and answers each key with the world judge's verdict on the
+    attached image."""
+    from clvr.judge import constraint_of, constraint_texts, failures
+    from clvr.world.detector import detect
+
+    def respond(body: dict) -> Answer:
+        text = next(p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text")
+        prompt = json.loads(re.match(r"Prompt: (.*)\n", text).group(1))
+        md = metadata_of(prompt)
+        lines = re.findall(r"^(c\d+): (.*)$", text, re.M)
+        assert [t for _, t in lines] == constraint_texts(md), (lines, md)
+        broken = {constraint_of(f, md) for f in failures(md, detect(request_image(body), grid))}
+        return verdict_answer({k: i not in broken for i, (k, _) in enumerate(lines)})
+
+    return respond
+
+
 class FakeOpenAI:
     """with FakeOpenAI() as srv: srv.push(step_answer({...})); ... srv.url -> "http://127.0.0.1:PORT/v1"."""
 
-    def __init__(self) -> None:
+    def __init__(self, responder: Callable[[dict], Answer] | None = None) -> None:
+        self.responder = responder
         self.script: list[Answer] = []
         self.requests: list[dict] = []
         self.lock = threading.Lock()
@@ -59,10 +101,12 @@ class FakeOpenAI:
         with self.lock:
             self.script.extend(answers)
 
-    def next_answer(self) -> Answer:
+    def next_answer(self, body: object = None) -> Answer:
         with self.lock:
             if self.script:
                 return self.script.pop(0)
+        if self.responder is not None and isinstance(body, dict):
+            return self.responder(body)
         return Answer(b'{"error": {"message": "fake server: no scripted answer left"}}', status=500)
 
     def __enter__(self) -> "FakeOpenAI":
@@ -90,7 +134,10 @@ def _handler(server: FakeOpenAI) -> type[BaseHTTPRequestHandler]:
                 body = None
             with server.lock:
                 server.requests.append({"path": self.path, "headers": dict(self.headers), "json": body})
-            ans = server.next_answer()
+            try:
+                ans = server.next_answer(body)
+            except Exception as e:  # a responder's assertion: answered as a server error the test sees
+                ans = Answer(json.dumps({"error": {"message": f"fake server: {e!r}"}}).encode(), status=500)
             try:
                 self.answer(ans)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up first: fine

@@ -445,10 +445,10 @@ class LoopCfg:
 
 
 @dataclass
-class ControllerCfg:
-    """An OpenAI-compatible VLM controller endpoint (vLLM, hosted; clvr.vlm), used when the loop's
-    controller key is "openai". The API key is read only from the environment variable named by
-    `api_key_env` ("" = send no key, e.g. a local vLLM); it is never stored in the config."""
+class EndpointCfg:
+    """An OpenAI-compatible chat-completions endpoint (vLLM, hosted; clvr.vlm.ChatClient). The API key is read
+    only from the environment variable named by `api_key_env` ("" = send no key, e.g. a local vLLM); it is
+    never stored in the config."""
 
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str = "Qwen/Qwen3-VL-8B-Instruct"
@@ -459,14 +459,38 @@ class ControllerCfg:
     max_tokens: int = 256
     temperature: float = 0.0
     max_response_bytes: int = 65536  # larger answers are rejected unread
-    max_history: int = 16  # earlier steps shown to the model
 
     def check(self, name: str) -> None:
         need(self.base_url.startswith(("http://", "https://")), f"{name}.base_url",
              "an http:// or https:// URL", self.base_url)
         need(nonempty(self.model), f"{name}.model", "the model the endpoint serves", self.model)
         need_all(self, name, "timeout_s max_tokens max_response_bytes", positive, "> 0")
-        need_all(self, name, "max_retries backoff_s max_history temperature", at_least(0), ">= 0")
+        need_all(self, name, "max_retries backoff_s temperature", at_least(0), ">= 0")
+
+
+@dataclass
+class ControllerCfg(EndpointCfg):
+    """The VLM controller's endpoint, used when the loop's controller key is "openai" (clvr.vlm)."""
+
+    max_history: int = 16  # earlier steps shown to the model
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        need(at_least(0)(self.max_history), f"{name}.max_history", ">= 0", self.max_history)
+
+
+@dataclass
+class JudgeCfg(EndpointCfg):
+    """The VLM judge's endpoint, used when the loop's verifier key is "openai" (clvr.loop.vlm_verifier): it
+    answers one verdict per GenEval constraint of the prompt. `perception`: the verifier (registry key) whose
+    detector gives the scene the controller corrects from and whose cell checks gate each step."""
+
+    perception: str = "world"
+
+    def check(self, name: str) -> None:
+        super().check(name)
+        need(nonempty(self.perception) and self.perception != "openai", f"{name}.perception",
+             "a detector-based verifier key (e.g. world), not openai itself", self.perception)
 
 
 PROBE_SPLITS = ("all", "held_out")
@@ -631,6 +655,7 @@ class Config:
     sample: SampleCfg = field(default_factory=SampleCfg)
     loop: LoopCfg = field(default_factory=LoopCfg)
     controller: ControllerCfg = field(default_factory=ControllerCfg)
+    judge: JudgeCfg = field(default_factory=JudgeCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     main: MainCfg = field(default_factory=MainCfg)
     synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)

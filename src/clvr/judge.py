@@ -103,9 +103,7 @@ class Failure:
         if self.kind == "count":
             return f"expected {count_noun(int(self.expected), self.objects)}, found {self.found}"
         if self.kind == "exclude":
-            n = int(self.expected)
-            limit = f"no {plural(self.objects)}" if n == 1 else f"fewer than {count_noun(n, self.objects)}"
-            return f"expected {limit}, found {self.found}"
+            return f"expected {exclude_limit(int(self.expected), self.objects)}, found {self.found}"
         if self.kind == "anchor":
             return f"no {self.anchor} for the {self.objects} to be {self.expected}"
         (r, c), (ar, ac) = self.at
@@ -120,6 +118,31 @@ class Failure:
         if self.at:
             d["at"] = [list(a) for a in self.at]
         return d
+
+
+def exclude_limit(n: int, objects: str) -> str:
+    """What an exclude clause allows: 'no red circles' (count 1), 'fewer than 3 circles'."""
+    return f"no {plural(objects)}" if n == 1 else f"fewer than {count_noun(n, objects)}"
+
+
+def constraint_texts(metadata: dict) -> list[str]:
+    """Every clause as one constraint in the judge's wording (what its Failure says was expected): the include
+    clauses in order ('2 red circles', '1 circle above the blue square'), then the exclude clauses ('no red
+    circles'). A VLM judge answers one verdict per line (clvr.loop.vlm_verifier)."""
+    include = metadata.get("include", [])
+    out = []
+    for c in include:
+        text = count_noun(int(c["count"]), describe(c))
+        if "position" in c:
+            rel, j = c["position"]
+            text += f" {rel} the {describe(include[j])}"
+        out.append(text)
+    return out + [exclude_limit(int(c["count"]), describe(c)) for c in metadata.get("exclude", [])]
+
+
+def constraint_of(failure: Failure, metadata: dict) -> int:
+    """The index in `constraint_texts(metadata)` of the constraint a Failure breaks."""
+    return len(metadata.get("include", [])) + failure.clause if failure.kind == "exclude" else failure.clause
 
 
 def failures(metadata: dict, detections: list) -> list[Failure]:

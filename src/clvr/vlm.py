@@ -13,6 +13,10 @@ gives a step, `VLMControllerError` is raised and the loop can stop or fall back.
 
 The API key is read from the environment variable named by `controller.api_key_env` at each request: it is
 never stored on the object, in the config, in `stats`, in logs or in error messages.
+
+The wire machinery (capped reads, deadline, retries with backoff, the envelope, the key, `stats`) is
+`ChatClient`, shared by every chat-completions role: the controller here and the VLM judge
+(clvr.loop.vlm_verifier). A role only builds its request body and parses `message.content`.
 """
 
 from __future__ import annotations
@@ -24,12 +28,13 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable, TypeVar
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from clvr.config import ControllerCfg
+from clvr.config import ControllerCfg, EndpointCfg
 from clvr.errors import ClvrError
 from clvr.steps import OP_ARGS, SchemaError, Step, step_json_schema
 from clvr.world.vocab import COLORS, EDIT_OPS, GRID, SHAPES
@@ -41,8 +46,16 @@ REPORT_CHARS = 1500  # a verifier report is shown to the model up to this many c
 MESSAGE_CHARS = 300  # quoted server text in a log line or error message
 
 
-class VLMControllerError(ClvrError):
+class VLMEndpointError(ClvrError):
+    """A chat-completions endpoint gave no usable answer within the retries, refused the request, or is
+    misconfigured."""
+
+
+class VLMControllerError(VLMEndpointError):
     """The endpoint gave no valid step within the retries, refused the request, or is misconfigured."""
+
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -50,9 +63,9 @@ class VLMStats:
     """What happened on the wire, by category (read it, log it; it never holds the key)."""
 
     requests: int = 0  # HTTP attempts
-    ok: int = 0  # valid steps returned
+    ok: int = 0  # usable answers returned (a valid step, a verdict per constraint)
     retries: int = 0  # attempts after a failed one
-    gave_up: int = 0  # propose calls that raised VLMControllerError
+    gave_up: int = 0  # requests that raised (VLMControllerError, VLMJudgeError)
     timeout: int = 0  # no full answer within timeout_s
     transport: int = 0  # connection refused / dropped
     http_4xx: int = 0
@@ -61,7 +74,7 @@ class VLMStats:
     bad_envelope: int = 0  # body not JSON, or no choices[0].message.content string
     refusal: int = 0  # message.refusal set
     bad_json: int = 0  # content is not JSON
-    schema: int = 0  # JSON that is not a valid step
+    schema: int = 0  # JSON that is not a valid answer (step, verdicts)
 
     def rejected(self) -> int:
         """Answers that gave no step (each counted under exactly one category)."""
@@ -71,7 +84,9 @@ class VLMStats:
         return asdict(self)
 
 
-class _Reject(Exception):
+class Reject(Exception):
+    """One unusable attempt, under its `stats` category; `retry`: a new attempt may fix it."""
+
     def __init__(self, category: str, message: str, retry: bool = True):
         super().__init__(message)
         self.category, self.message, self.retry = category, message, retry
@@ -137,60 +152,37 @@ def history_text(history: list[dict], max_items: int) -> str:
     return "\n".join(lines)
 
 
-class OpenAIController:
-    """propose(prompt, canvas, history, report) -> the next `Step`, from an OpenAI-compatible endpoint."""
+class ChatClient:
+    """The chat-completions wire protocol for one role (section `section` of the config): `ask(body, parse)`
+    posts the body, reads the answer under the size cap and the deadline, checks the envelope and hands
+    `message.content` to `parse`, which returns the role's value or raises `Reject`; retries what a retry may
+    fix; raises `error` when no attempt gives a value. One `httpx.Client` (connection reuse) per object."""
 
-    name = "openai"
-
-    def __init__(self, cfg: ControllerCfg, grid: int = GRID):
-        cfg.check("controller")  # the rules live in clvr.config (a ControllerCfg may be built in code)
-        self.cfg, self.grid = cfg, grid
+    def __init__(self, cfg: EndpointCfg, section: str, error: type[VLMEndpointError] = VLMEndpointError):
+        cfg.check(section)  # the rules live in clvr.config (a config section may be built in code)
+        self.cfg, self.section, self.error = cfg, section, error
         self.url = cfg.base_url.rstrip("/") + "/chat/completions"
-        self.schema = step_json_schema(grid)
         self.stats = VLMStats()
         self._api_key()  # a missing key fails here, before any work (the value is not kept)
         self._client = httpx.Client(timeout=httpx.Timeout(cfg.timeout_s), follow_redirects=False)
 
     def __repr__(self) -> str:
-        return (f"OpenAIController(url={self.url!r}, model={self.cfg.model!r}, "
-                f"api_key_env={self.cfg.api_key_env!r}, grid={self.grid})")
+        return (f"{type(self).__name__}(url={self.url!r}, model={self.cfg.model!r}, "
+                f"api_key_env={self.cfg.api_key_env!r})")
 
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "OpenAIController":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- the request -------------------------------------------------------------------------------------
-    def request_body(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
-                     ask: str = NEXT_STEP) -> dict:
-        """The chat-completions request (no credentials in it); `ask` is its last sentence."""
-        text = (f"Prompt: {json.dumps(prompt)}\n"
-                f"Steps so far:\n{history_text(history, self.cfg.max_history)}\n"
-                f"Latest report on the whole canvas: {_report_text(report)}\n"
-                f"The current canvas is attached. {ask}")
-        return {
-            "model": self.cfg.model,
-            "messages": [
-                {"role": "system", "content": system_text(self.grid)},
-                {"role": "user", "content": [
-                    {"type": "text", "text": text},
-                    {"type": "image_url", "image_url": {"url": encode_png_data_url(canvas)}},
-                ]},
-            ],
-            "response_format": {"type": "json_schema",
-                                "json_schema": {"name": "step", "strict": True, "schema": self.schema}},
-            "max_tokens": self.cfg.max_tokens,
-            "temperature": self.cfg.temperature,
-        }
-
-    def propose(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
-                ask: str = NEXT_STEP) -> Step:
-        """Ask for the next step; retry what a retry may fix; raise VLMControllerError when none is valid."""
-        body = json.dumps(self.request_body(prompt, canvas, history, report, ask)).encode()
+    def ask(self, body: dict, parse: Callable[[str], T], what: str) -> T:
+        """POST `body`; the first attempt whose content `parse` accepts wins. `what` names the value in the
+        give-up error ("step", "verdicts")."""
+        data = json.dumps(body).encode()
         last, tried = "", 0
         attempts = self.cfg.max_retries + 1
         for attempt in range(attempts):
@@ -200,22 +192,22 @@ class OpenAIController:
                 time.sleep(min(self.cfg.backoff_s * 2 ** (attempt - 1), MAX_BACKOFF_S))
             self.stats.requests += 1
             try:
-                step = self._attempt(body)
-            except _Reject as r:
+                value = parse(self._attempt(data))
+            except Reject as r:
                 setattr(self.stats, r.category, getattr(self.stats, r.category) + 1)
                 last = f"{r.category}: {r.message}"
-                log.warning("controller %s: attempt %d/%d rejected (%s)", self.cfg.model, tried, attempts, last)
+                log.warning("%s %s: attempt %d/%d rejected (%s)", self.section, self.cfg.model, tried, attempts, last)
                 if not r.retry:
                     break
                 continue
             self.stats.ok += 1
-            return step
+            return value
         self.stats.gave_up += 1
-        raise VLMControllerError(f"controller {self.cfg.model!r} at {self.url}: no valid step after "
-                                 f"{tried} attempt(s); last {last}")
+        raise self.error(f"{self.section} {self.cfg.model!r} at {self.url}: no valid {what} after "
+                         f"{tried} attempt(s); last {last}")
 
     # ---- one attempt -------------------------------------------------------------------------------------
-    def _attempt(self, body: bytes) -> Step:
+    def _attempt(self, body: bytes) -> str:
         deadline = time.monotonic() + self.cfg.timeout_s
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = self._api_key()
@@ -226,55 +218,55 @@ class OpenAIController:
                 data = self._read_capped(resp, deadline)
                 status = resp.status_code
         except httpx.TimeoutException:
-            raise _Reject("timeout", f"no answer within {self.cfg.timeout_s} s") from None
+            raise Reject("timeout", f"no answer within {self.cfg.timeout_s} s") from None
         except httpx.TransportError as e:
-            raise _Reject("transport", type(e).__name__ + ": " + self._quote(str(e))) from None
+            raise Reject("transport", type(e).__name__ + ": " + self.quote(str(e))) from None
         if status >= 400:
             category = "http_5xx" if status >= 500 else "http_4xx"
             retry = status >= 500 or status in (408, 409, 429)
-            raise _Reject(category, f"HTTP {status}: {self._quote(data.decode('utf-8', 'replace'))}", retry)
-        return self._parse(data)
+            raise Reject(category, f"HTTP {status}: {self.quote(data.decode('utf-8', 'replace'))}", retry)
+        return self._content(data)
 
     def _read_capped(self, resp: httpx.Response, deadline: float) -> bytes:
         """The body, or a rejection when it is larger than max_response_bytes or arrives after the deadline
         (httpx's timeout bounds each read; the deadline bounds the whole answer, e.g. one trickled byte at a time)."""
-        cap = self.cfg.max_response_bytes
+        cap, key = self.cfg.max_response_bytes, f"{self.section}.max_response_bytes"
         declared = resp.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > cap:
-            raise _Reject("oversize", f"answer of {declared} bytes (max {cap}, controller.max_response_bytes)")
+            raise Reject("oversize", f"answer of {declared} bytes (max {cap}, {key})")
         chunks, size = [], 0
         for chunk in resp.iter_bytes():
             size += len(chunk)
             if size > cap:
-                raise _Reject("oversize", f"answer over {cap} bytes (controller.max_response_bytes)")
+                raise Reject("oversize", f"answer over {cap} bytes ({key})")
             if time.monotonic() > deadline:
-                raise _Reject("timeout", f"answer not complete within {self.cfg.timeout_s} s")
+                raise Reject("timeout", f"answer not complete within {self.cfg.timeout_s} s")
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _parse(self, data: bytes) -> Step:
-        """Envelope -> content -> JSON -> Step, each stage rejected under its own category."""
+    def _content(self, data: bytes) -> str:
+        """Envelope -> choices[0].message.content, each failure rejected under its own category."""
         try:
             envelope = json.loads(data)
         except (ValueError, RecursionError):
-            raise _Reject("bad_envelope", f"body is not JSON: {self._quote(data.decode('utf-8', 'replace'))}") from None
+            raise Reject("bad_envelope", f"body is not JSON: {self.quote(data.decode('utf-8', 'replace'))}") from None
         choices = envelope.get("choices") if isinstance(envelope, dict) else None
         message = choices[0].get("message") if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
         if not isinstance(message, dict):
-            raise _Reject("bad_envelope", f"no choices[0].message in {self._quote(data.decode('utf-8', 'replace'))}")
+            raise Reject("bad_envelope", f"no choices[0].message in {self.quote(data.decode('utf-8', 'replace'))}")
         if message.get("refusal"):
-            raise _Reject("refusal", self._quote(str(message["refusal"])))
+            raise Reject("refusal", self.quote(str(message["refusal"])))
         content = message.get("content")
         if not isinstance(content, str):
-            raise _Reject("bad_envelope", f"choices[0].message.content is {type(content).__name__}, not a string")
+            raise Reject("bad_envelope", f"choices[0].message.content is {type(content).__name__}, not a string")
+        return content
+
+    def json_content(self, content: str) -> object:
+        """`content` parsed as JSON, or a "bad_json" rejection."""
         try:
-            raw = json.loads(content)
+            return json.loads(content)
         except (ValueError, RecursionError):
-            raise _Reject("bad_json", f"content is not JSON: {self._quote(content)}") from None
-        try:
-            return Step.from_dict(raw, self.grid)
-        except (SchemaError, TypeError, ValueError) as e:  # TypeError: e.g. an unhashable value in a field
-            raise _Reject("schema", self._quote(str(e))) from None
+            raise Reject("bad_json", f"content is not JSON: {self.quote(content)}") from None
 
     # ---- secrets -----------------------------------------------------------------------------------------
     def _api_key(self) -> str:
@@ -283,17 +275,72 @@ class OpenAIController:
             return ""
         key = os.environ.get(name, "")
         if not key:
-            raise VLMControllerError(f"environment variable {name} is not set: it holds the controller's API key "
-                                     "(controller.api_key_env; set it to '' for an endpoint without a key)")
+            raise self.error(f"environment variable {name} is not set: it holds the {self.section}'s API key "
+                             f"({self.section}.api_key_env; set it to '' for an endpoint without a key)")
         return key
 
-    def _quote(self, text: str) -> str:
+    def quote(self, text: str) -> str:
         """Server text fit for a log line or an error: clipped, one line, the API key blanked (a hostile
         server may echo our headers back)."""
         key = os.environ.get(self.cfg.api_key_env, "") if self.cfg.api_key_env else ""
         if key:
             text = text.replace(key, "[api key]")
         return repr(_clip(text, MESSAGE_CHARS))
+
+
+def user_message(text: str, canvas: np.ndarray) -> dict:
+    """A user turn of text plus the canvas as a PNG data-URL image part."""
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": encode_png_data_url(canvas)}}]}
+
+
+def strict_schema(name: str, schema: dict) -> dict:
+    """`response_format` for a strict JSON Schema (guided decoding on servers that support it)."""
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+
+
+class OpenAIController(ChatClient):
+    """propose(prompt, canvas, history, report) -> the next `Step`, from an OpenAI-compatible endpoint."""
+
+    name = "openai"
+
+    def __init__(self, cfg: ControllerCfg, grid: int = GRID):
+        super().__init__(cfg, "controller", VLMControllerError)
+        self.grid = grid
+        self.schema = step_json_schema(grid)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", grid={self.grid})"
+
+    def __enter__(self) -> "OpenAIController":
+        return self
+
+    def request_body(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
+                     ask: str = NEXT_STEP) -> dict:
+        """The chat-completions request (no credentials in it); `ask` is its last sentence."""
+        text = (f"Prompt: {json.dumps(prompt)}\n"
+                f"Steps so far:\n{history_text(history, self.cfg.max_history)}\n"
+                f"Latest report on the whole canvas: {_report_text(report)}\n"
+                f"The current canvas is attached. {ask}")
+        return {
+            "model": self.cfg.model,
+            "messages": [{"role": "system", "content": system_text(self.grid)}, user_message(text, canvas)],
+            "response_format": strict_schema("step", self.schema),
+            "max_tokens": self.cfg.max_tokens,
+            "temperature": self.cfg.temperature,
+        }
+
+    def propose(self, prompt: str, canvas: np.ndarray, history: list[dict], report: dict | None,
+                ask: str = NEXT_STEP) -> Step:
+        """Ask for the next step; retry what a retry may fix; raise VLMControllerError when none is valid."""
+        return self.ask(self.request_body(prompt, canvas, history, report, ask), self._step, "step")
+
+    def _step(self, content: str) -> Step:
+        raw = self.json_content(content)
+        try:
+            return Step.from_dict(raw, self.grid)
+        except (SchemaError, TypeError, ValueError) as e:  # TypeError: e.g. an unhashable value in a field
+            raise Reject("schema", self.quote(str(e))) from None
 
 
 def openai_controller(cfg: ControllerCfg, grid: int = GRID) -> OpenAIController:
