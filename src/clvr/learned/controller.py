@@ -1,6 +1,9 @@
 """The "learned" controller backend: a small causal LM proposes every next step under constrained decoding.
 
-Planning stays symbolic, as for the VLM controller (both are `clvr.loop.controller.ModelController`s): the
+The registry key also takes a VLM folder or hub id (`is_vlm`): then the controller is
+`clvr.learned.vlm_controller.VLMController`, which reads the canvas image too and decodes the same way.
+
+Planning stays symbolic, as for the openai VLM controller (both are `clvr.loop.controller.ModelController`s): the
 world parser validates the prompt (unknown words -> the same ClvrError as the symbolic path) and the solver gives
 the target layout the verifier checks against. Each decision is the LM's: it reads `state_text(state)` (the
 prompt, the calls left, the detected canvas, the verifier's reports, the failed tries) and writes the step's

@@ -24,7 +24,8 @@ Two sources of model + processor (`controller_sft.init`):
   conf/gpu-*.yaml): loaded with `local_files_only`; weights are never fetched (no network), so an id whose
   files are not in the local hub cache is a CheckpointError naming it. A pretrained tokenizer has no step
   lexemes: the step is its compact JSON in that tokenizer's tokens, and exact match is teacher-forced greedy
-  decoding over the whole vocabulary (no grammar).
+  decoding over the whole vocabulary (no grammar); in the loop, the controller constrains that text to the step
+  grammar (clvr.learned.textgrammar).
 """
 
 from __future__ import annotations
