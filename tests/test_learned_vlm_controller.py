@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import clvr
 
 from clvr.config import LoopCfg, load_config
 from clvr.errors import CheckpointError
@@ -165,10 +166,10 @@ def test_pretrained_bpe_folder_decodes_text_constrained_steps_that_run(bpe_folde
 @pytest.mark.parametrize("kind", ["lexeme", "bpe"])
 def test_prefix_cache_gives_the_same_logits_and_tokens_as_a_full_prefill(kind, lexeme_folder, bpe_folder):
     folder = lexeme_folder if kind == "lexeme" else bpe_folder
-    cached = make_controller("learned", model=str(folder))
+    cached = make_controller("learned", model=str(folder), max_new_tokens=40)  # (the tokens compared, done or not)
     model, proc = cached.model, cached.proc
-    plain = VLMController(model, proc, 4, prefix_cache_size=0, max_new_tokens=cached.max_new_tokens)
-    sts = states(5, seed=4)
+    plain = VLMController(model, proc, 4, prefix_cache_size=0, max_new_tokens=40)
+    sts = states(4, seed=4)
     for st in sts:
         prefix, rest, pix = cached.inputs(st)
         # the prompt's logits as the model's own forward computes them (its M-RoPE from mm_token_type_ids)
@@ -181,12 +182,21 @@ def test_prefix_cache_gives_the_same_logits_and_tokens_as_a_full_prefill(kind, l
     assert all(c.get_seq_length() == len(k) for k, c in cached.cache.entries.items())  # cropped back to the prefix
 
 
-def test_the_loop_runs_end_to_end_with_the_vlm_controller(lexeme_folder):
+def test_the_loop_runs_end_to_end_with_the_vlm_controller(lexeme_folder, monkeypatch, capsys, tmp_path):
     ctl = make_controller("learned", model=str(lexeme_folder))
     budget = LoopCfg(max_iters=6, max_nfe=10_000, max_calls=4)
     trace = run_loop(PROMPTS[0], ctl, OracleGenerator(), make_verifier("world"), budget, seed=1)
     assert trace.ended_by and trace.rejected == 0 and trace.calls >= 2
     assert ctl.stats.decisions == len(trace.steps) and ctl.stats.truncated == 0
+    # the CLI: `clvr generate --controller learned` with the VLM folder as loop.controller_model
+    args = ("generate", PROMPTS[1], "--model", "oracle", "--controller", "learned", "--profile", "ci", "--set")
+    code, _, err = clvr(monkeypatch, capsys, *args, f"loop.controller_model={lexeme_folder}", "--out", str(tmp_path / "g"))
+    assert code == 0, err
+    trace = json.loads((tmp_path / "g" / "trace.json").read_text())
+    assert trace["steps"] and trace["rejected"] == 0
+    code, _, err = clvr(monkeypatch, capsys, *args, "loop.controller_model=Qwen/Qwen3-VL-8B-Instruct", "--out",
+                        str(tmp_path / "h"))
+    assert code == 2 and "weights must be present locally" in err and "Traceback" not in err
 
 
 def test_bad_folders_and_truncation(lexeme_folder, tmp_path):
