@@ -17,6 +17,7 @@ from clvr.config import LoopCfg, load_config
 from clvr.errors import CheckpointError
 from clvr.learned import vlm
 from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned.model import build_model
 from clvr.learned.textgrammar import TextGrammar
 from clvr.learned.tokens import build_tokenizer, output_lexemes, step_lexemes
 from clvr.learned.vlm_controller import VLMController, build_random_vlm_controller
@@ -214,6 +215,10 @@ def test_bad_folders_and_truncation(lexeme_folder, tmp_path):
     (bad / vlm.MARKER).write_text("{")
     with pytest.raises(CheckpointError, match="corrupt VLM controller"):
         make_controller("learned", model=str(bad))
+    text_only = tmp_path / "text-only"  # a model folder of another class (a text-only causal LM, no clvr marker)
+    build_model(len(build_tokenizer(4)), layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64).save_pretrained(text_only)
+    with pytest.raises(CheckpointError, match=f"VLM controller '{text_only}' does not load"):
+        make_controller("learned", model=str(text_only))
     # a generation cut off by the token limit is a counted reject, never a step; the trajectory then stops
     ctl = make_controller("learned", model=str(lexeme_folder), max_new_tokens=1)
     st = states(1)[0]
