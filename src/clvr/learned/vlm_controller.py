@@ -1,5 +1,6 @@
 """The learned controller at real scale: a Qwen3-VL that looks at the canvas image and reads the state text, then
 writes the next step under constrained decoding (registry key "learned" with `loop.controller_model` a VLM folder).
+The weights run here, in-process; the VLM behind an OpenAI-compatible endpoint is clvr.loop.vlm_controller ("openai").
 
 Planning stays symbolic, as for the other model controllers (`clvr.loop.controller.ModelController`); each loop
 decision is the VLM's. Its prompt is the training layout (`clvr.learned.vlm.prompt_ids`): `[BOS] prompt <words> |`,
