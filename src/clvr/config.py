@@ -431,7 +431,8 @@ class LoopCfg:
     k_success: str = ""
     retries_per_step: int = 2
     controller: str = "world"  # registry keys (clvr.loop.roles, clvr.generator): world | openai | learned
-    controller_model: str = ""  # the learned controller's folder (loop.controller=learned; conf/base.yaml: ${controller_sft.out}/final)
+    controller_model: str = ""  # the learned controller (loop.controller=learned; conf/base.yaml: ${controller_sft.out}/final):
+    # a causal LM folder, or a VLM's (save_vlm's, a pretrained Qwen3-VL's, or its hub id in the local cache; clvr.learned.vlm_controller)
     verifier: str = "world"
     generator: str = "world"
     model: str = "distilled"  # base | distilled | checkpoint folder | oracle | noisy-oracle

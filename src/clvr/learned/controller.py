@@ -1,6 +1,9 @@
 """The "learned" controller backend: a small causal LM proposes every next step under constrained decoding.
 
-Planning stays symbolic, as for the VLM controller (both are `clvr.loop.controller.ModelController`s): the
+The registry key also takes a VLM folder or hub id (`is_vlm`): then the controller is
+`clvr.learned.vlm_controller.VLMController`, which reads the canvas image too and decodes the same way.
+
+Planning stays symbolic, as for the openai VLM controller (both are `clvr.loop.controller.ModelController`s): the
 world parser validates the prompt (unknown words -> the same ClvrError as the symbolic path) and the solver gives
 the target layout the verifier checks against. Each decision is the LM's: it reads `state_text(state)` (the
 prompt, the calls left, the detected canvas, the verifier's reports, the failed tries) and writes the step's
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from clvr.learned.grammar import Lexicon, StepParse
-from clvr.learned.model import load_controller
+from clvr.learned.model import MARKER, load_controller
 from clvr.learned.state import state_text
 from clvr.learned.tokens import decode_step, encode_state
 from clvr.loop.controller import ModelController
@@ -87,12 +90,29 @@ class LearnedController(ModelController):
         return decode_step(self.tokenizer, ids), False
 
 
+def is_vlm(model: str) -> bool:
+    """Whether `model` names a VLM controller (clvr.learned.vlm_controller) rather than a causal LM folder: a
+    folder without the causal LM's marker that holds a model (`save_vlm`'s, or a pretrained Qwen3-VL's), or a
+    hub id (owner/name, not a path)."""
+    from clvr.learned.vlm import MARKER as VLM_MARKER
+
+    p = Path(model)
+    if p.is_dir():
+        return not (p / MARKER).is_file() and any((p / f).is_file() for f in ("config.json", VLM_MARKER))
+    return not p.exists() and not model.startswith((".", "/", "~")) and model.count("/") == 1
+
+
 @register_controller("learned")
 def learned_controller(model: str = "", grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
-                       max_new_tokens: int = 160) -> LearnedController:
-    """Registry factory; `model` is the controller folder (config `loop.controller_model`)."""
+                       max_new_tokens: int | None = None):
+    """Registry factory; `model` is the controller folder (config `loop.controller_model`): the causal LM's
+    (`LearnedController`) or a VLM's, or a VLM's hub id present locally (`clvr.learned.vlm_controller`)."""
     from clvr.errors import CheckpointError
 
     if not model:
         raise CheckpointError("the learned controller needs a controller folder (loop.controller_model)")
-    return LearnedController(model, grid, retries_per_step, max_prompt_chars, max_new_tokens)
+    if is_vlm(model):
+        from clvr.learned.vlm_controller import load_vlm_controller
+
+        return load_vlm_controller(model, grid, retries_per_step, max_prompt_chars, max_new_tokens)
+    return LearnedController(model, grid, retries_per_step, max_prompt_chars, max_new_tokens or 160)

@@ -17,6 +17,8 @@ thing as a transformers `LogitsProcessor` for `model.generate`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import LogitsProcessor, PreTrainedTokenizerFast
 
@@ -60,6 +62,12 @@ class StepParse:
         self.phase = "start"  # start | op | cell | new_color | to
         self.in_edit, self.op, self.done = False, None, False
         self._allowed: list[int] | None = None  # what may follow now (computed once per position)
+
+    def copy(self) -> "StepParse":
+        """An independent parse at the same position (the text-level decoder branches on it)."""
+        other = copy.copy(self)
+        other.used = set(self.used)
+        return other
 
     def allowed(self) -> list[int]:
         if self._allowed is None:

@@ -6,8 +6,10 @@ marked there). An example is the causal LM's (state_text, the teacher's step) pl
 looked at: the trajectory step's `input` image (clvr.trajectories.load_image; a stop or rejected output reads
 the canvas of the last call), as uint8 HxWx3.
 
-Inputs of one example: `[BOS] <|vision_start|> <|image_pad|> x n <|vision_end|> state words | step tokens [EOS]`,
-labels -100 everywhere but the step tokens and [EOS]; n = the merged patches of the image (the image processor's
+Inputs of one example: `[BOS] prompt <words> | <|vision_start|> <|image_pad|> x n <|vision_end|> the other state
+fields | step tokens [EOS]` (`prompt_ids`: the user's prompt comes first, so that the part of the prompt constant
+over a trajectory is a prefix the controller prefills once, clvr.learned.vlm_controller), labels -100 everywhere but
+the step tokens and [EOS]; n = the merged patches of the image (the image processor's
 `image_grid_thw`, over `spatial_merge_size`^2), as `Qwen3VLProcessor` expands its image placeholder. That
 processor class is not used: it requires a video processor, which needs torchvision (not installed); the
 expansion is the one line above, and `mm_token_type_ids` (1 on image tokens), which the model needs for its
@@ -22,7 +24,8 @@ Two sources of model + processor (`controller_sft.init`):
   conf/gpu-*.yaml): loaded with `local_files_only`; weights are never fetched (no network), so an id whose
   files are not in the local hub cache is a CheckpointError naming it. A pretrained tokenizer has no step
   lexemes: the step is its compact JSON in that tokenizer's tokens, and exact match is teacher-forced greedy
-  decoding over the whole vocabulary (no grammar).
+  decoding over the whole vocabulary (no grammar); in the loop, the controller constrains that text to the step
+  grammar (clvr.learned.textgrammar).
 """
 
 from __future__ import annotations
@@ -133,30 +136,31 @@ def build_vlm(proc: VLMProcessor, layers: int = 2, hidden: int = 128, heads: int
         return Qwen3VLForConditionalGeneration(cfg)
 
 
-def _local_folder(init: str) -> Path:
-    """`init` as a local folder: itself, or a hub id's snapshot in the local cache (never downloaded)."""
+def _local_folder(init: str, key: str = "controller_sft.init") -> Path:
+    """`init` as a local folder: itself, or a hub id's snapshot in the local cache (never downloaded); `key` is the
+    config key that named it (for the error)."""
     p = Path(init)
     if p.is_dir():
         return p
     if p.exists() or init.startswith((".", "/", "~")):
-        raise CheckpointError(f"controller_sft.init '{init}' is not a model folder")
+        raise CheckpointError(f"{key} '{init}' is not a model folder")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=init, local_files_only=True))
     except Exception as e:  # not in the cache, or not a valid id
-        raise CheckpointError(f"controller_sft.init '{init}': no local copy of its weights (they are never downloaded "
+        raise CheckpointError(f"{key} '{init}': weights must be present locally (they are never downloaded "
                               f"here; put the checkpoint in the local hub cache or give its folder): "
                               f"{type(e).__name__}") from None
 
 
-def load_vlm(init: str | Path, grid: int | None = None) -> tuple[object, VLMProcessor]:
+def load_vlm(init: str | Path, grid: int | None = None, key: str = "controller_sft.init") -> tuple[object, VLMProcessor]:
     """(model, processor) of a VLM folder or a hub id present locally; CheckpointError naming `init` when absent,
     corrupt, not a vision-language checkpoint with the vision tokens, or (a folder `save_vlm` wrote) for another
     grid than `grid`."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    folder = _local_folder(str(init))
+    folder = _local_folder(str(init), key)
     if grid is not None and (folder / MARKER).is_file():
         try:
             marker = json.loads((folder / MARKER).read_text())
@@ -190,18 +194,32 @@ def save_vlm(model, proc: VLMProcessor, folder: Path, grid: int, extra: dict | N
 # ---- examples ------------------------------------------------------------------------------------------------
 
 
+def prompt_ids(proc: VLMProcessor, text: str, n_image: int) -> tuple[list[int], list[int]]:
+    """(prefix, rest) of one decision's prompt (module docstring): the prefix is [BOS] and the state text's first
+    field (the user's prompt, constant over a trajectory: the controller caches its KV), the rest the image's
+    `n_image` placeholders in their vision tokens, then the other fields."""
+    tok = proc.tokenizer
+    head, _, tail = text.partition(" | ")
+    vision = [proc.vision_start, *[proc.image_pad] * n_image, proc.vision_end]
+    if proc.lexemes:  # [BOS] + word ids; words are whole tokens, so the split changes no token; unknown -> error
+        return encode_state(tok, head + " |"), [*vision, *encode_state(tok, tail)[1:]]
+    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    words = lambda t: tok(" " + t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [*bos, *words(head + " |")], [*vision, *words(tail)]
+
+
+def target_ids(proc: VLMProcessor, step: dict) -> list[int]:
+    """The step's tokens and [EOS]: its lexemes, or (a pretrained tokenizer) its compact JSON's tokens."""
+    tok = proc.tokenizer
+    if proc.lexemes:
+        return [*tok.convert_tokens_to_ids(step_lexemes(step)), tok.eos_token_id]
+    return [*tok(json.dumps(step, separators=(",", ":")), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+
+
 def encode_ids(proc: VLMProcessor, text: str, step: dict, n_image: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of one example whose image is `n_image` placeholder tokens (module docstring)."""
-    tok = proc.tokenizer
-    vision = [proc.vision_start, *[proc.image_pad] * n_image, proc.vision_end]
-    if proc.lexemes:
-        words = encode_state(tok, text)  # [BOS] + the state's word ids; unknown words are an error
-        prompt = [words[0], *vision, *words[1:]]
-        target = [*tok.convert_tokens_to_ids(step_lexemes(step)), tok.eos_token_id]
-    else:
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        prompt = [*bos, *vision, *tok(" " + text, add_special_tokens=False)["input_ids"]]
-        target = [*tok(json.dumps(step, separators=(",", ":")), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    prefix, rest = prompt_ids(proc, text, n_image)
+    prompt, target = prefix + rest, target_ids(proc, step)
     return prompt + target, [-100] * len(prompt) + target
 
 
