@@ -117,13 +117,20 @@ def test_distilled_steps_nfe_and_prompt_fit(folder, klein):
 def test_gpu_profiles_name_the_real_checkpoints_and_sizes():
     for profile, n, arch in (("gpu-4b", "4", KLEIN_4B), ("gpu-9b", "9", KLEIN_9B)):
         k = load_config(profile).klein
-        assert (k.distilled, k.base) == (f"black-forest-labs/FLUX.2-klein-{n}B", f"black-forest-labs/FLUX.2-klein-base-{n}B")
+        ids = (f"black-forest-labs/FLUX.2-klein-{n}B", f"black-forest-labs/FLUX.2-klein-base-{n}B")
+        assert (k.distilled, k.base) == ids
         assert SIZES[k.size] is arch and k.resolution == 1024 and k.dtype == "bfloat16"
     t4, t9 = KLEIN_4B["transformer"], KLEIN_9B["transformer"]
-    assert (t4["num_layers"], t4["num_single_layers"], t4["num_attention_heads"], t4["joint_attention_dim"]) == (5, 20, 24, 7680)
-    assert (t9["num_layers"], t9["num_single_layers"], t9["num_attention_heads"], t9["joint_attention_dim"]) == (8, 24, 32, 12288)
+    keys = ("num_layers", "num_single_layers", "num_attention_heads", "joint_attention_dim")
+    assert [t4[k] for k in keys] == [5, 20, 24, 7680] and [t9[k] for k in keys] == [8, 24, 32, 12288]
     assert (KLEIN_4B["text_encoder"]["hidden_size"], KLEIN_9B["text_encoder"]["hidden_size"]) == (2560, 4096)
     assert t4["joint_attention_dim"] == 3 * 2560 and t9["joint_attention_dim"] == 3 * 4096  # layers 9, 18, 27
+    from diffusers import Flux2Transformer2DModel
+
+    with torch.device("meta"):  # the architecture only, no memory
+        counts = [sum(p.numel() for p in Flux2Transformer2DModel(**a["transformer"]).parameters())
+                  for a in (KLEIN_4B, KLEIN_9B)]
+    assert 3.87e9 < counts[0] < 3.88e9 and 9.07e9 < counts[1] < 9.08e9  # klein "4B" and "9B" flow transformers
 
 
 def test_bad_inputs(folder, klein, tmp_path):

@@ -13,10 +13,11 @@ snapshot is in the local hub cache; nothing is ever downloaded (`clvr.registry.l
 * Regions (copy-by-construction, Blended Latent Diffusion): for an edit with regions, after every denoising step
   the latent tokens outside the region are replaced by the reference's latents noised to the scheduler's next
   sigma (x = (1 - sigma) ref + sigma noise), so at sigma = 0 they are the reference's latents exactly and the
-  pixels outside the region are the reference's VAE round trip (up to the decoder's reach across the region's
-  border: the tiny and the real VAE decoders normalise over the whole image, so they shift a little; `klein.paste`
-  puts the reference's own pixels back outside the region after decoding). A cell (row, col) is the rect of a `klein.grid` x `klein.grid` split of the image; a latent token is
-  free when its pixel patch overlaps a region rect.
+  pixels outside the region are the reference's VAE round trip, up to the decoder: its convolutions reach across
+  the region's border and its GroupNorm normalises over the whole image, so a changed region shifts the pixels
+  outside it somewhat (tests/test_klein.py states the tolerance); `klein.paste` puts the reference's own pixels
+  back outside the region after decoding. A cell (row, col) is the rect of a `klein.grid` x `klein.grid` split of
+  the image; a latent token is free when its pixel patch overlaps a region rect.
 * A distilled checkpoint (`is_distilled` in model_index.json) samples `klein.distilled_steps` (4) without CFG;
   a base one `klein.base_steps` (28) with CFG at `klein.guidance`. NFE = steps x (2 with CFG, else 1), as the
   world backend counts.
@@ -41,7 +42,7 @@ import torch
 
 from clvr.errors import CheckpointError, ClvrError
 from clvr.generator import GenRequest, GenResult, register_generator
-from clvr.registry import INDEX, local_model_folder
+from clvr.registry import INDEX, SHIPPED, local_model_folder
 from clvr.train.data import join_text
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
@@ -106,7 +107,8 @@ def build_klein_pipeline(sizes: dict, seed: int = 0, device: str | torch.device 
     """A random-init Flux2KleinPipeline of the real classes at `sizes` (SIZES[...]): Flux2Transformer2DModel,
     AutoencoderKLFlux2, Qwen3ForCausalLM and `build_klein_tokenizer()`; weights drawn from `seed`, built on
     `device` (a 4B/9B one straight on the GPU) and cast to `dtype`."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_klein_tokenizer()
@@ -114,9 +116,16 @@ def build_klein_pipeline(sizes: dict, seed: int = 0, device: str | torch.device 
     te["vocab_size"] = te.get("vocab_size") or len(tokenizer)
     torch.manual_seed(seed)
     with torch.device(device):
-        transformer = Flux2Transformer2DModel(**sizes["transformer"]).to(dtype)
-        vae = AutoencoderKLFlux2(**sizes["vae"]).to(dtype)
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(**te)).to(dtype)
+        transformer = Flux2Transformer2DModel(**sizes["transformer"])
+        vae = AutoencoderKLFlux2(**sizes["vae"])
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(**te))
+    if dtype != torch.float32:  # (diffusers' note that no module needs float32 is noise here)
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        transformer, vae, text_encoder = transformer.to(dtype), vae.to(dtype), text_encoder.to(dtype)
+        dlog.set_verbosity(level)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -130,8 +139,8 @@ def text_layers(pipe) -> tuple[int, ...]:
     layers = pipe.text_encoder.config.num_hidden_layers
     n = joint // hidden
     if n < 1 or n * hidden != joint or n > layers:
-        raise CheckpointError(f"klein checkpoint: transformer joint_attention_dim {joint} is not a stack of <= {layers} "
-                              f"text-encoder layers of width {hidden}")
+        raise CheckpointError(f"klein checkpoint: transformer joint_attention_dim {joint} is not a stack of "
+                              f"<= {layers} text-encoder layers of width {hidden}")
     return tuple(round(k * layers / (n + 1)) for k in range(1, n + 1))
 
 
@@ -139,7 +148,7 @@ def resolve(model: str, cfg) -> tuple[Path, str]:
     """(local folder, display name) of `model`: base | distilled (config klein.base / klein.distilled) | a folder |
     a hub id in the local hub cache; a CheckpointError naming the id otherwise."""
     key = "loop.model"
-    if model in ("base", "distilled"):
+    if model in SHIPPED:  # base | distilled: the klein section's ids
         key, model = f"klein.{model}", getattr(cfg.klein, model)
     return local_model_folder(str(model), key), str(model)
 
