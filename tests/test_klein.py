@@ -161,14 +161,18 @@ def test_bad_inputs(folder, klein, tmp_path):
 
 def test_the_loop_runs_on_klein_and_counts_nfe(folder, monkeypatch, capsys, tmp_path):
     """`clvr generate` with loop.generator=klein: the same loop, world controller and verifier; the tiny model draws
-    noise, so the loop fails, but it runs and spends NFE per call as the backend counts."""
+    noise, so the loop fails, but it runs and spends NFE per call as the backend counts. At 96 px, not the world's
+    64 px canvas: the loop takes the generator's images as they come (cells = image side / grid)."""
     from conftest import clvr
 
     out = tmp_path / "gen"
+    sets = [*SETS, "loop.max_calls=3", "klein.resolution=96"]
     code, stdout, err = clvr(monkeypatch, capsys, "generate", "a red circle above a blue square", "--out", str(out),
-                             "--profile", "ci", "--model", str(folder), *[x for s in
-                             [*SETS, "loop.max_calls=3"] for x in ("--set", s)])
+                             "--profile", "ci", "--model", str(folder), *[x for s in sets for x in ("--set", s)])
     assert code == 0, err
+    from PIL import Image
+
+    assert Image.open(out / "final.png").size in ((64, 64), (96, 96))  # the blank canvas, or a kept output
     trace = json.loads((out / "trace.json").read_text())
     assert trace["generator"] == f"klein:{folder}" and trace["calls"] == 3
     assert trace["nfe"] == 3 * 4 and all(s["nfe"] == 4 for s in trace["steps"] if s.get("nfe"))
