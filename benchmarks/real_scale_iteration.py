@@ -110,6 +110,9 @@ def main() -> None:
     ctl = build_controller(tiny, device, dtype)
     det = build_verifier(tiny, device)
     build_s = time.perf_counter() - t_build
+    if device.startswith("cuda"):  # the peak below: the weights + one iteration, not the float32 construction
+        torch.cuda.reset_peak_memory_stats()
+    weights = torch.cuda.memory_allocated() / 2**30 if device.startswith("cuda") else None
 
     def generator(distilled: bool) -> KleinGenerator:
         pipe.register_to_config(is_distilled=distilled)
@@ -156,6 +159,7 @@ def main() -> None:
         "iteration_4_steps_s": round(it4, 4), "iteration_28_steps_cfg_s": round(it28, 4),
         "speedup": round(it28 / it4, 2), "target_iteration_4_steps_s": TARGET_S,
         "meets_target": bool(it4 <= TARGET_S) if not missing else None, "missing_parts": missing,
+        "weights_gpu_memory_gib": None if weights is None else round(weights, 2),
         ("peak_gpu_memory_gib" if not tiny else "peak_rss_gib"): round(peak, 2),
     }))
 

@@ -176,3 +176,18 @@ def test_the_loop_runs_on_klein_and_counts_nfe(folder, monkeypatch, capsys, tmp_
     trace = json.loads((out / "trace.json").read_text())
     assert trace["generator"] == f"klein:{folder}" and trace["calls"] == 3
     assert trace["nfe"] == 3 * 4 and all(s["nfe"] == 4 for s in trace["steps"] if s.get("nfe"))
+
+
+def test_the_real_scale_benchmark_runs_tiny_on_the_cpu(monkeypatch, capsys):
+    """benchmarks/real_scale_iteration.py --tiny: the GPU script's code path on the tiny sizes; one JSON line."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setattr(sys, "argv", ["real_scale_iteration.py", "--tiny"])
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script puts its src/ first
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "real_scale_iteration.py"),
+                   run_name="__main__")
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bench"] == "real_scale_iteration" and (res["nfe_4"], res["nfe_28_cfg"]) == (4, 56)
+    assert res["iteration_28_steps_cfg_s"] > res["iteration_4_steps_s"] > 0 and res["resolution"] == 64

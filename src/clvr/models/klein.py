@@ -47,8 +47,9 @@ from clvr.train.data import join_text
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
 
-# Published architectures (transformer/config.json and text_encoder/config.json of FLUX.2-klein-4B / -9B: a
-# Qwen3-4B resp. Qwen3-8B text encoder whose layers 9, 18, 27 are stacked into joint_attention_dim = 3 x hidden).
+# Published architectures: the transformers as diffusers' scripts/convert_flux2_to_diffusers.py configures klein-4b
+# and klein-9b (3.88 B and 9.08 B parameters), their text encoders Qwen3-4B and Qwen3-8B, whose layers 9, 18, 27
+# are stacked into joint_attention_dim = 3 x hidden.
 _FLUX2_COMMON = dict(patch_size=1, in_channels=128, attention_head_dim=128, timestep_guidance_channels=256,
                      mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False)
 _QWEN3_COMMON = dict(num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
@@ -65,7 +66,9 @@ KLEIN_9B = {
     "text_encoder": dict(_QWEN3_COMMON, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False),
     "vae": {},
 }
-# Tiny, for CPU tests: 4 px per latent token (VAE 2x down, 2x2 patches), a 4-layer text encoder (layers 1, 2, 3).
+# Tiny, for CPU tests: 4 px per latent token (VAE 2x down, 2x2 patches), a 4-layer text encoder (layers 1, 2, 3),
+# no attention in the VAE's mid block (its decoder then reaches across a region's border only by convolutions and
+# GroupNorm statistics; tests/test_klein.py measures what reaches).
 TINY = {
     "transformer": dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32,
@@ -115,17 +118,25 @@ def build_klein_pipeline(sizes: dict, seed: int = 0, device: str | torch.device 
     te = dict(sizes["text_encoder"])
     te["vocab_size"] = te.get("vocab_size") or len(tokenizer)
     torch.manual_seed(seed)
-    with torch.device(device):
-        transformer = Flux2Transformer2DModel(**sizes["transformer"])
-        vae = AutoencoderKLFlux2(**sizes["vae"])
-        text_encoder = Qwen3ForCausalLM(Qwen3Config(**te))
-    if dtype != torch.float32:  # (diffusers' note that no module needs float32 is noise here)
+
+    def make(build):
+        """One part, built on `device` in float32 and cast before the next is built (a 9B one peaks lower)."""
         from diffusers.utils import logging as dlog
 
+        with torch.device(device):
+            part = build()
+        if dtype == torch.float32:
+            return part
         level = dlog.get_verbosity()
-        dlog.set_verbosity_error()
-        transformer, vae, text_encoder = transformer.to(dtype), vae.to(dtype), text_encoder.to(dtype)
-        dlog.set_verbosity(level)
+        dlog.set_verbosity_error()  # diffusers' note that no module needs float32 is noise here
+        try:
+            return part.to(dtype)
+        finally:
+            dlog.set_verbosity(level)
+
+    transformer = make(lambda: Flux2Transformer2DModel(**sizes["transformer"]))
+    vae = make(lambda: AutoencoderKLFlux2(**sizes["vae"]))
+    text_encoder = make(lambda: Qwen3ForCausalLM(Qwen3Config(**te)))
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
