@@ -446,6 +446,44 @@ class LoopCfg:
 
 
 @dataclass
+class KleinCfg:
+    """The `klein` generator backend (clvr.models.klein: diffusers' Flux2KleinPipeline, FLUX.2 [klein]), used when
+    loop.generator = klein. `loop.model` names its checkpoint: base | distilled (the ids below) | a folder | a hub id
+    present in the local hub cache (weights are never downloaded). A distilled checkpoint (`is_distilled` in its
+    model_index.json) samples `distilled_steps` without CFG, a base one `base_steps` with CFG at `guidance`.
+    Images are `resolution` pixels square (0 = the world canvas, world.grid * world.cell); a reference of another
+    size is resized to it. A step's cells map to image rects on a `grid` x `grid` split of the image."""
+
+    base: str = "black-forest-labs/FLUX.2-klein-base-4B"  # loop.model=base
+    distilled: str = "black-forest-labs/FLUX.2-klein-4B"  # loop.model=distilled
+    size: str = "4b"  # architecture of those checkpoints (clvr.models.klein.SIZES): tiny | 4b | 9b
+    resolution: int = 0
+    grid: int = 4  # conf/base.yaml: ${world.grid}
+    max_sequence_length: int = 512  # text tokens (chat template included); the oldest trace steps are cut first
+    base_steps: int = 28
+    distilled_steps: int = 4
+    guidance: float = 4.0  # CFG scale of a base checkpoint (> 1: two forwards per step)
+    blend: bool = True  # edits with regions: latents outside the region follow the reference (Blended Latent Diffusion)
+    paste: bool = False  # and after decoding, the reference's pixels outside the region (exact, may show a seam)
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    max_batch: int = 8  # requests per pipeline call
+
+    def check(self, name: str) -> None:
+        need_all(self, name, "base distilled", nonempty, "a folder or hub id")
+        need(self.size in ("tiny", "4b", "9b"), f"{name}.size", "tiny, 4b or 9b", self.size)
+        need(self.resolution == 0 or 16 <= self.resolution <= 2048, f"{name}.resolution",
+             "0 (the world canvas) or 16..2048 pixels", self.resolution)
+        need(2 <= self.grid <= 16, f"{name}.grid", "in 2..16", self.grid)
+        need_all(self, name, "max_sequence_length base_steps distilled_steps max_batch", at_least(1), ">= 1")
+        need(at_least(1)(self.guidance), f"{name}.guidance", ">= 1 (1 = no CFG)", self.guidance)
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{name}.dtype",
+             "auto, float32, bfloat16 or float16", self.dtype)
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{name}.device",
+             "auto, cpu, cuda or cuda:N", self.device)
+
+
+@dataclass
 class EndpointCfg:
     """An OpenAI-compatible chat-completions endpoint (vLLM, hosted; clvr.vlm.ChatClient). The API key is read
     only from the environment variable named by `api_key_env` ("" = send no key, e.g. a local vLLM); it is
@@ -657,6 +695,7 @@ class Config:
     loop: LoopCfg = field(default_factory=LoopCfg)
     controller: ControllerCfg = field(default_factory=ControllerCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
+    klein: KleinCfg = field(default_factory=KleinCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     main: MainCfg = field(default_factory=MainCfg)
     synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)

@@ -24,8 +24,8 @@ VerifierOpt = typer.Option(None, "--verifier",
                            help="verifier registry key: world | openai (default: config loop.verifier; the same as "
                                 "--set loop.verifier=KEY; openai's endpoint is the config's judge section)")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
-GENERATE_USES = ("world", "loop", "controller", "judge", "eval")
-EVAL_USES = ("world", "loop", "controller", "judge", "eval")
+GENERATE_USES = ("world", "loop", "controller", "judge", "klein", "eval")
+EVAL_USES = ("world", "loop", "controller", "judge", "klein", "eval")
 TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
 MaxCallsOpt = typer.Option(["1,2,3,4,unbounded"], "--max-calls",
                            help="call budgets to also run the loop at (comma-separated or repeated; "

@@ -145,7 +145,7 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
         keep = passive["ok"] or mode in ("single", "rewrite")  # the baselines have no gate
         new_canvas, kept = result.image, parts if keep else ()
         if not keep and step.op == "edit":
-            new_canvas, after, kept = keep_parts(step, passive, canvas, result.image, seen, verifier, plan, cell)
+            new_canvas, after, kept = keep_parts(step, passive, canvas, result.image, seen, verifier, plan, grid)
         if kept and len(kept) < len(parts):
             passive["kept"] = [i for i, p in enumerate(parts) if p in kept]
         state.calls += 1
@@ -178,13 +178,16 @@ def loop(prompt: str, controller: Controller, verifier: Verifier, budget: LoopCf
 
 
 def keep_parts(step: Step, passive: dict, canvas: np.ndarray, output: np.ndarray, seen: Perception,
-               verifier: Verifier, plan, cell: int) -> tuple[np.ndarray, Perception, tuple[Step, ...]]:
+               verifier: Verifier, plan, grid: int) -> tuple[np.ndarray, Perception, tuple[Step, ...]]:
     """A multi-op step that failed as a whole: the previous `canvas` with the cells of the ops that passed
     (`passive["parts"]`) taken from `output`, if those ops pass again on that composed canvas; else the
-    previous canvas unchanged and no op kept. Returns (canvas, its perception, the ops kept)."""
+    previous canvas unchanged and no op kept. Returns (canvas, its perception, the ops kept). A cell is the
+    image side / `grid` (a real-scale generator draws at its own resolution); a canvas of another size than the
+    output (the blank one) cannot be composed with it, and nothing is kept."""
     ok = tuple(p for p, good in zip(step.parts(), passive.get("parts", ())) if good)
-    if not ok:
+    if not ok or canvas.shape != output.shape:
         return canvas, seen, ()
+    cell = output.shape[0] // grid
     composed = canvas.copy()
     for r, c in (cell_ for p in ok for cell_ in p.regions()):
         composed[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell] = output[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
