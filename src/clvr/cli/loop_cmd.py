@@ -20,8 +20,8 @@ ControllerOpt = typer.Option(None, "--controller",
                              help="controller registry key: world | openai | learned (default: config loop.controller; "
                                   "the same as --set loop.controller=KEY)")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
-GENERATE_USES = ("world", "loop", "controller")
-EVAL_USES = ("world", "loop", "controller", "eval")
+GENERATE_USES = ("world", "loop", "controller", "detector")  # detector: loop.verifier=openvocab
+EVAL_USES = ("world", "loop", "controller", "detector", "eval")
 TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
 MaxCallsOpt = typer.Option(["1,2,3,4,unbounded"], "--max-calls",
                            help="call budgets to also run the loop at (comma-separated or repeated; "

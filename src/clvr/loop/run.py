@@ -46,7 +46,7 @@ from clvr.config import Config, LoopCfg
 from clvr.errors import ClvrError
 from clvr.generator import GenRequest, GenResult, Generator
 from clvr.loop.controller import step_key
-from clvr.loop.roles import (CONTROLLERS, Controller, LoopState, Perception, Verifier, make_controller,
+from clvr.loop.roles import (CONTROLLERS, VERIFIERS, Controller, LoopState, Perception, Verifier, make_controller,
                              make_verifier)
 from clvr.loop.trace import StepRecord, Trace
 from clvr.registry import ORACLES
@@ -314,8 +314,17 @@ def build_controller(cfg: Config) -> Controller:
     return make_controller(cfg.loop.controller, **kw)
 
 
+def register_verifiers() -> list[str]:
+    """Import the modules that register verifier backends beyond the world one ("openvocab"); returns the known
+    keys, sorted."""
+    import clvr.openvocab  # noqa: F401  (registers "openvocab")
+
+    return sorted(VERIFIERS)
+
+
 def build_verifier(cfg: Config) -> Verifier:
     """The verifier `loop.verifier` names; every verifier factory gets the grid and the whole config as `cfg`."""
+    register_verifiers()
     return make_verifier(cfg.loop.verifier, grid=cfg.world.grid, cfg=cfg)
 
 
