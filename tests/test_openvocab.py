@@ -3,6 +3,7 @@ saved with save_pretrained and loaded through the `detector:` config section; Ge
 scores and boxes."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,10 @@ from conftest import clvr
 from clvr.config import load_config
 from clvr.errors import CheckpointError, ClvrError, ConfigError
 from clvr.io import save_png
-from clvr.judge import read_jsonl, unsupported
+from clvr.judge import detect_for, judge_image, read_jsonl, unsupported
 from clvr.openvocab import (COLOR_TEMPLATES, GENEVAL_CLASSES, GENEVAL_COLORS, OpenVocabDetector, OpenVocabVerifier,
                             Rules, box_iou, build_random_detector, colour_classifier, load_detector, pick_colours,
-                            save_random_checkpoints, select_boxes, to_detection)
+                            random_parts, save_random_checkpoints, select_boxes, to_detection)
 from clvr.world.detector import Detection
 from clvr.world.vocab import COLORS, SHAPES
 
@@ -118,6 +119,8 @@ def test_counting_prompts_use_the_counting_threshold(det):
                                det.clip_images, rules=Rules(threshold=0.0, counting_threshold=top))
     assert strict.for_prompt(PROMPTS[1])(img) == []  # no score is above the highest one
     assert len(strict.for_prompt(PROMPTS[0])(img)) == 16 == len(strict(img))
+    assert detect_for(PROMPTS[1], img, strict) == [] and len(detect_for(PROMPTS[0], img, strict)) == 16  # the judge
+    assert judge_image(PROMPTS[1], img, strict) == (False, "expected 2 cups, found 0")
 
 
 def test_colour_is_clip_zero_shot_over_genevals_colours_and_templates(det):
@@ -205,6 +208,18 @@ def test_eval_geneval_bad_detector_input_is_one_line(ckpt, tmp_path, monkeypatch
     assert not (folder / "results.jsonl").exists()
 
 
+@pytest.mark.parametrize("override,needle", [
+    ("detector.max_overlap=0", "detector.max_overlap must be in 0..1 (0 excluded"),
+    ("detector.counting_threshold=1", "detector.counting_threshold must be in 0..1"),
+    ("detector.max_objects=0", "detector.max_objects must be >= 1"),
+    ("detector.classes=coco", "detector.classes must be one of ['geneval', 'world']"),
+    ("detector.device=gpu", "detector.device must be auto | cpu | cuda | cuda:N"),
+])
+def test_detector_config_is_checked_when_it_loads(override, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_config("cpu", [override])
+
+
 def test_missing_hub_weights_raise_a_checkpoint_error_naming_the_id(ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="'openai/clip-vit-large-patch14': weights must be present locally"):
         load_detector(cfg_for(ckpt, "detector.clip_model=openai/clip-vit-large-patch14").detector, grid=4)
@@ -215,6 +230,23 @@ def test_missing_hub_weights_raise_a_checkpoint_error_naming_the_id(ckpt, tmp_pa
     (broken / "config.json").write_text((ckpt[0] / "config.json").read_text())  # an OWLv2 config, no weights
     with pytest.raises(CheckpointError, match=f"detector.model '{broken}' does not load"):
         load_detector(cfg_for(ckpt, f"detector.model={broken}").detector, grid=4)
+
+
+def test_hub_ids_load_from_the_local_hub_cache(ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    for ident, folder in (("google/owlv2-base-patch16-ensemble", ckpt[0]), ("openai/clip-vit-large-patch14", ckpt[1])):
+        repo = tmp_path / ("models--" + ident.replace("/", "--"))
+        shutil.copytree(folder, repo / "snapshots" / ("0" * 40))
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    cfg = load_config("gpu-4b", ["detector.device=cpu"])  # the profile's real ids, found in the (fake) cache
+    det = load_detector(cfg.detector, grid=4)
+    assert det.classes == GENEVAL_CLASSES and det.rules == Rules()  # GenEval's rules by default
+    assert all(d.shape in GENEVAL_CLASSES for d in det(image(4)))
 
 
 # ---- the loop verifier -----------------------------------------------------------------------------------
@@ -236,17 +268,12 @@ def test_openvocab_verifier_runs_the_loop_on_world_classes(ckpt):
     assert trace.calls == len(calls) and trace.ended_by in ("stop", "max_iters")
 
 
-def test_random_detector_sizes(ckpt):
-    import torch
-
+def test_random_detector_sizes():
     with pytest.raises(ClvrError, match="unknown detector size"):
         build_random_detector("huge")
     with pytest.raises(ClvrError, match="unknown class list 'coco'"):
         build_random_detector("tiny", classes="coco")
-    with torch.device("meta"):  # the real architectures, without allocating them
-        from clvr.openvocab import random_parts
-
-        owl, _, owl_images, clip, _, clip_images = random_parts("real")
+    owl, _, owl_images, clip, _, clip_images = random_parts("real", device="meta")  # not allocated
     v, t = owl.config.vision_config, owl.config.text_config
     assert (v.image_size, v.patch_size, v.hidden_size, v.num_hidden_layers) == (960, 16, 768, 12)
     assert (t.hidden_size, t.num_hidden_layers, t.max_position_embeddings, t.vocab_size) == (512, 12, 16, 49408)

@@ -163,15 +163,18 @@ class OpenVocabDetector:
         self.classes, self.colors = tuple(classes), tuple(colors)
         self.grid, self.rules, self.query = grid, rules, query
         self._threshold = rules.threshold
-        self._queries = None  # tokenized class queries, made once
         self._colour_weights: dict[str, np.ndarray] = {}  # per class, as GenEval caches its classifiers
         self.to(device)
 
     def to(self, device: str) -> "OpenVocabDetector":
+        """Move both models to `device`; the class queries are tokenized once, here."""
         self.device = device
         self.detector.to(device)
         self.clip.to(device)
-        self._queries = None
+        texts = [self.query.format(cls=c) for c in self.classes]
+        n = self.detector.config.text_config.max_position_embeddings
+        self._queries = self.det_tokenizer(texts, padding="max_length", truncation=True, max_length=n,
+                                           return_tensors="pt").to(device)
         return self
 
     def for_prompt(self, metadata: dict) -> "OpenVocabDetector":
@@ -197,11 +200,6 @@ class OpenVocabDetector:
         import torch
         from PIL import Image
 
-        if self._queries is None:
-            texts = [self.query.format(cls=c) for c in self.classes]
-            n = self.detector.config.text_config.max_position_embeddings
-            self._queries = self.det_tokenizer(texts, padding="max_length", truncation=True, max_length=n,
-                                               return_tensors="pt").to(self.device)
         pixels = self.det_images(images=Image.fromarray(image), return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             out = self.detector(input_ids=self._queries["input_ids"], attention_mask=self._queries["attention_mask"],
@@ -268,8 +266,9 @@ def local_model_folder(ident: str, key: str) -> Path:
     try:
         return Path(snapshot_download(repo_id=str(ident), local_files_only=True))
     except Exception as e:  # not in the cache, or not a valid id
-        raise CheckpointError(f"{key} '{ident}': weights must be present locally (nothing is downloaded here; put "
-                              f"the checkpoint in the local hub cache or give its folder): {type(e).__name__}") from None
+        raise CheckpointError(f"{key} '{ident}': weights must be present locally (nothing is downloaded here; "
+                              f"put the checkpoint in the local hub cache or give its folder): "
+                              f"{type(e).__name__}") from None
 
 
 def checkpoint_folder(ident: str, key: str, types: tuple[str, ...]) -> Path:
@@ -406,8 +405,9 @@ def small_clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[])
 
 
-def random_parts(size: str = "tiny", seed: int = 0):
-    """(owl model, tokenizer, image processor, clip model, tokenizer, image processor) with random weights."""
+def random_parts(size: str = "tiny", seed: int = 0, device: str = "cpu"):
+    """(owl model, tokenizer, image processor, clip model, tokenizer, image processor) with random weights,
+    made on `device` (the real sizes initialise much faster on a GPU)."""
     import torch
     from transformers import (CLIPConfig, CLIPImageProcessorPil, CLIPModel, Owlv2Config, Owlv2ForObjectDetection,
                               Owlv2ImageProcessorPil)
@@ -418,11 +418,11 @@ def random_parts(size: str = "tiny", seed: int = 0):
     ids = dict(vocab_size=s["owl_text"].get("vocab_size", len(tok)), bos_token_id=tok.bos_token_id,
                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    owl = Owlv2ForObjectDetection(Owlv2Config(text_config={**s["owl_text"], **ids}, vision_config=s["owl_vision"],
-                                              **s["owl_projection"]))
+    owl_cfg = Owlv2Config(text_config={**s["owl_text"], **ids}, vision_config=s["owl_vision"], **s["owl_projection"])
     ids["vocab_size"] = s["clip_text"].get("vocab_size", len(tok))
-    clip = CLIPModel(CLIPConfig(text_config={**s["clip_text"], **ids}, vision_config=s["clip_vision"],
-                                **s["clip_projection"]))
+    clip_cfg = CLIPConfig(text_config={**s["clip_text"], **ids}, vision_config=s["clip_vision"], **s["clip_projection"])
+    with torch.device(device):
+        owl, clip = Owlv2ForObjectDetection(owl_cfg), CLIPModel(clip_cfg)
     side, clip_side = s["owl_vision"]["image_size"], s["clip_vision"]["image_size"]
     owl_images = Owlv2ImageProcessorPil(size={"height": side, "width": side})
     clip_images = CLIPImageProcessorPil(size={"shortest_edge": clip_side},
@@ -450,5 +450,5 @@ def build_random_detector(size: str = "tiny", grid: int = 4, classes: str = "gen
     if classes not in VOCABS:
         raise ClvrError(f"unknown class list '{classes}' (known: {', '.join(VOCABS)})")
     names, colors = VOCABS[classes]
-    return OpenVocabDetector(*random_parts(size, seed), classes=names, colors=colors, grid=grid, rules=rules,
+    return OpenVocabDetector(*random_parts(size, seed, device), classes=names, colors=colors, grid=grid, rules=rules,
                              device=device)
