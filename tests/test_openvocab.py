@@ -119,6 +119,12 @@ def test_counting_prompts_use_the_counting_threshold(det):
                                det.clip_images, rules=Rules(threshold=0.0, counting_threshold=top))
     assert strict.for_prompt(PROMPTS[1])(img) == []  # no score is above the highest one
     assert len(strict.for_prompt(PROMPTS[0])(img)) == 16 == len(strict(img))
+    # as GenEval: CLIP runs only on the classes a clause names with a colour ("a brown dog": dogs)
+    dogs = strict.for_prompt(PROMPTS[0])(img)
+    assert all((d.color in GENEVAL_COLORS) == (d.shape == "dog") and (d.color == "") == (d.shape != "dog")
+               for d in dogs)
+    assert [(d.shape, d.bbox) for d in dogs] == [(d.shape, d.bbox) for d in strict(img)]
+    assert all(d.color for d in strict(img))  # without a prompt (the loop verifier): every detection
     assert detect_for(PROMPTS[1], img, strict) == [] and len(detect_for(PROMPTS[0], img, strict)) == 16  # the judge
     assert judge_image(PROMPTS[1], img, strict) == (False, "expected 2 cups, found 0")
 

@@ -12,7 +12,8 @@ open-vocabulary detector from transformers (`Owlv2ForObjectDetection`, queried w
   >= `max_overlap` (1.0 = off, GenEval's default). IoU is GenEval's `compute_iou` (inclusive pixel
   coordinates, +1).
 * colour: CLIP zero-shot over GenEval's 10 colours (the world's 4 with the world class list), with
-  GenEval's three templates per class, on the box crop (GenEval masks the crop with the instance mask when
+  GenEval's three templates per class (for a prompt, as GenEval, only for the classes a clause names with a
+  colour; the loop verifier colours every detection), on the box crop (GenEval masks the crop with the instance mask when
   its detector gives one; a box detector gives none, and GenEval then crops the box alone; here the crop is
   the integer box covering the detector's box). The classifier of a class is the mean of its normalised
   template embeddings, normalised (clip_benchmark's `zero_shot_classifier`); the colour is the argmax.
@@ -163,6 +164,7 @@ class OpenVocabDetector:
         self.classes, self.colors = tuple(classes), tuple(colors)
         self.grid, self.rules, self.query = grid, rules, query
         self._threshold = rules.threshold
+        self._coloured: set[str] | None = None  # classes whose colour is classified (None = all)
         self._colour_weights: dict[str, np.ndarray] = {}  # per class, as GenEval caches its classifiers
         self.to(device)
 
@@ -178,20 +180,25 @@ class OpenVocabDetector:
         return self
 
     def for_prompt(self, metadata: dict) -> "OpenVocabDetector":
-        """This detector with GenEval's threshold for the prompt: `counting_threshold` when tagged counting."""
+        """This detector as GenEval runs it for the prompt: `counting_threshold` when tagged counting, and CLIP
+        only on the classes a clause names with a colour (the others' detections get colour "": no clause reads
+        it)."""
         view = copy.copy(self)  # shares the models and caches
         view._threshold = self.rules.counting_threshold if metadata.get("tag") == COUNTING_TAG else self.rules.threshold
+        view._coloured = {c["class"] for k in ("include", "exclude") for c in metadata.get(k, []) if c.get("color")}
         return view
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
         image = _check_image(image)
         scores, boxes = self.raw(image)
         r = self.rules
-        picked = select_boxes(scores, boxes, self._threshold, r.max_objects, r.max_overlap)
-        colours = self.colours(image, [(self.classes[c], box) for c, _, box in picked])
-        size = image.shape[:2]
-        return [to_detection(self.classes[c], col, box, size, self.grid)
-                for (c, _, box), col in zip(picked, colours)]
+        picked = [(self.classes[c], box) for c, _, box in
+                  select_boxes(scores, boxes, self._threshold, r.max_objects, r.max_overlap)]
+        wanted = [i for i, (cls, _) in enumerate(picked) if self._coloured is None or cls in self._coloured]
+        colours = [""] * len(picked)
+        for i, col in zip(wanted, self.colours(image, [picked[i] for i in wanted])):
+            colours[i] = col
+        return [to_detection(cls, col, box, image.shape[:2], self.grid) for (cls, box), col in zip(picked, colours)]
 
     def raw(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The detector's (N, C) class scores (sigmoid) and (N, 4) boxes in image pixels (x0, y0, x1, y1).
