@@ -532,6 +532,42 @@ class JudgeCfg(EndpointCfg):
              "a detector-based verifier key (e.g. world), not openai itself", self.perception)
 
 
+DETECTOR_KINDS = ("world", "openvocab")
+DETECTOR_CLASSES = ("geneval", "world")
+
+
+@dataclass
+class DetectorCfg:
+    """The GenEval judge's detector (`clvr eval geneval`, `--detector` overrides `kind`) and the open-vocabulary
+    one's weights and rules (clvr.openvocab; the loop verifier `openvocab` reads this section too). `model` and
+    `clip_model` are local folders or hub ids whose weights are in the local hub cache (never downloaded). The
+    rules default to GenEval's evaluate_images.py options (set for Mask2Former's scores: OWLv2's are on another
+    scale)."""
+
+    kind: str = "world"  # world: the world's exact detector (world classes only); openvocab: OWLv2 + CLIP
+    model: str = ""  # an Owlv2ForObjectDetection checkpoint (conf/gpu-*.yaml: google/owlv2-base-patch16-ensemble)
+    clip_model: str = ""  # the colour classifier, a CLIPModel (GenEval's: openai/clip-vit-large-patch14)
+    classes: str = "geneval"  # what `eval geneval` queries: geneval (80 COCO classes, 10 colours) | world (the world's)
+    query: str = "a photo of a {cls}"  # the detector's text query per class
+    threshold: float = 0.3  # box score threshold (GenEval's)
+    counting_threshold: float = 0.9  # the threshold for prompts tagged counting (GenEval's)
+    max_objects: int = 16  # boxes per class (GenEval's)
+    max_overlap: float = 1.0  # NMS: drop a box with IoU >= this with a better one of its class (1.0 = off, GenEval's)
+    device: str = "auto"  # auto (cuda when visible) | cpu | cuda | cuda:N
+
+    def check(self, name: str) -> None:
+        need(self.kind in DETECTOR_KINDS, f"{name}.kind", f"one of {list(DETECTOR_KINDS)}", self.kind)
+        need(self.classes in DETECTOR_CLASSES, f"{name}.classes", f"one of {list(DETECTOR_CLASSES)}", self.classes)
+        need("{cls}" in self.query and self.query.count("{") == 1 and self.query.count("}") == 1, f"{name}.query",
+             "a text with one {cls} placeholder", self.query)
+        need_all(self, name, "threshold counting_threshold", lambda v: math.isfinite(v) and 0 <= v < 1,
+                 "in 0..1 (1 excluded)")
+        need(0 < self.max_overlap <= 1, f"{name}.max_overlap", "in 0..1 (0 excluded; 1 = no NMS)", self.max_overlap)
+        need(self.max_objects >= 1, f"{name}.max_objects", ">= 1", self.max_objects)
+        need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+             f"{name}.device", "auto | cpu | cuda | cuda:N", self.device)
+
+
 PROBE_SPLITS = ("all", "held_out")
 
 
@@ -696,6 +732,7 @@ class Config:
     controller: ControllerCfg = field(default_factory=ControllerCfg)
     judge: JudgeCfg = field(default_factory=JudgeCfg)
     klein: KleinCfg = field(default_factory=KleinCfg)
+    detector: DetectorCfg = field(default_factory=DetectorCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     main: MainCfg = field(default_factory=MainCfg)
     synthesize: SynthesizeCfg = field(default_factory=SynthesizeCfg)

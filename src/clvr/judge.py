@@ -220,6 +220,13 @@ def unsupported(metadata: dict, detector) -> str | None:
     return f"the {name} detector does not know {', '.join(dict.fromkeys(bad))}"
 
 
+def detect_for(metadata: dict, image: np.ndarray, detector: Callable) -> list:
+    """The detections the judge reads for one prompt's image. A detector whose rules depend on the prompt
+    offers `for_prompt(metadata)` (the open-vocabulary one: GenEval's counting threshold for the counting tag)."""
+    for_prompt = getattr(detector, "for_prompt", None)
+    return (for_prompt(metadata) if for_prompt is not None else detector)(image)
+
+
 def judge_image(metadata: dict, image: np.ndarray, detector: Callable | None = None,
                 grid: int = GRID) -> tuple[bool, str]:
     """Detect, then judge. `detector`: any callable image -> detections (default: the world's, on `grid`)."""
@@ -227,7 +234,7 @@ def judge_image(metadata: dict, image: np.ndarray, detector: Callable | None = N
     why = unsupported(metadata, detector)
     if why:
         raise ClvrError(f"unsupported prompt '{metadata.get('prompt', '')}': {why}")
-    return judge(metadata, detector(image))
+    return judge(metadata, detect_for(metadata, image, detector))
 
 
 # ---- metadata files -----------------------------------------------------------------------------------
@@ -407,7 +414,7 @@ def _score_one(md: dict, path: Path, detector) -> dict:
         image = load_png(path)
     except ClvrError as e:  # unreadable file: reported for this image, the rest still scored
         return {"correct": None, "status": "error", "reason": str(e)}
-    ok, reason = judge(md, detector(image))
+    ok, reason = judge(md, detect_for(md, image, detector))
     return {"correct": bool(ok), "status": "scored", "reason": reason}
 
 

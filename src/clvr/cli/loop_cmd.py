@@ -21,11 +21,11 @@ ControllerOpt = typer.Option(None, "--controller",
                              help="controller registry key: world | openai | learned (default: config loop.controller; "
                                   "the same as --set loop.controller=KEY)")
 VerifierOpt = typer.Option(None, "--verifier",
-                           help="verifier registry key: world | openai (default: config loop.verifier; the same as "
+                           help="verifier registry key: world | openai | openvocab (default: config loop.verifier; the same as "
                                 "--set loop.verifier=KEY; openai's endpoint is the config's judge section)")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
-GENERATE_USES = ("world", "loop", "controller", "judge", "klein", "eval")
-EVAL_USES = ("world", "loop", "controller", "judge", "klein", "eval")
+GENERATE_USES = ("world", "loop", "controller", "judge", "klein", "detector", "eval")  # detector: loop.verifier=openvocab
+EVAL_USES = ("world", "loop", "controller", "judge", "klein", "detector", "eval")
 TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
 MaxCallsOpt = typer.Option(["1,2,3,4,unbounded"], "--max-calls",
                            help="call budgets to also run the loop at (comma-separated or repeated; "

@@ -29,7 +29,7 @@ WorkersOpt = typer.Option(None, "--workers", "-w", min=1, help="processes (defau
 OverridesArg = typer.Argument(None, help="config overrides key=value, e.g. synthesize.n_per_tier=10")
 
 
-SYNTH_USES = ("world", "loop", "controller", "weights", "synthesize")  # sections the data engine reads
+SYNTH_USES = ("world", "loop", "controller", "detector", "weights", "synthesize")  # sections the data engine reads
 
 
 def _cfg(profile: str, overrides: list[str] | None, command: str):

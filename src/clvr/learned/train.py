@@ -393,8 +393,7 @@ class ControllerTrainer:
         from clvr.generator import make_generator
         from clvr.learned.controller import LearnedController
         from clvr.learned.decisions import RecordingController
-        from clvr.loop.roles import make_verifier
-        from clvr.loop.run import run_many
+        from clvr.loop.run import build_verifier, run_many
         from clvr.world.grammar import held_out, sample_prompt
 
         s, cfg = self.s, self.cfg
@@ -405,7 +404,7 @@ class ControllerTrainer:
             if not held_out(md):
                 jobs.append((md["prompt"], int(rng.integers(2**31))))
         gen = make_generator("noisy-oracle", grid=self.grid, cell=cfg.world.cell)
-        ver = make_verifier(cfg.loop.verifier, grid=self.grid)
+        ver = build_verifier(cfg)
         metrics: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="clvr-dagger-") as d:
             self.save_model(Path(d))

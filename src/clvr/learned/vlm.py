@@ -45,6 +45,7 @@ from clvr.learned.grammar import Lexicon
 from clvr.learned.tokens import build_tokenizer, encode_state, step_lexemes
 from clvr.loop.roles import LoopState
 from clvr.trajectories import Trajectory, dataset_file, load_image
+from clvr.registry import local_model_folder
 
 VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"
 VISION_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
@@ -136,31 +137,13 @@ def build_vlm(proc: VLMProcessor, layers: int = 2, hidden: int = 128, heads: int
         return Qwen3VLForConditionalGeneration(cfg)
 
 
-def _local_folder(init: str, key: str = "controller_sft.init") -> Path:
-    """`init` as a local folder: itself, or a hub id's snapshot in the local cache (never downloaded); `key` is the
-    config key that named it (for the error)."""
-    p = Path(init)
-    if p.is_dir():
-        return p
-    if p.exists() or init.startswith((".", "/", "~")):
-        raise CheckpointError(f"{key} '{init}' is not a model folder")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=init, local_files_only=True))
-    except Exception as e:  # not in the cache, or not a valid id
-        raise CheckpointError(f"{key} '{init}': weights must be present locally (they are never downloaded "
-                              f"here; put the checkpoint in the local hub cache or give its folder): "
-                              f"{type(e).__name__}") from None
-
-
 def load_vlm(init: str | Path, grid: int | None = None, key: str = "controller_sft.init") -> tuple[object, VLMProcessor]:
     """(model, processor) of a VLM folder or a hub id present locally; CheckpointError naming `init` when absent,
     corrupt, not a vision-language checkpoint with the vision tokens, or (a folder `save_vlm` wrote) for another
     grid than `grid`."""
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-    folder = _local_folder(str(init), key)
+    folder = local_model_folder(str(init), key)
     if grid is not None and (folder / MARKER).is_file():
         try:
             marker = json.loads((folder / MARKER).read_text())

@@ -318,9 +318,10 @@ def build_controller(cfg: Config) -> Controller:
 
 
 def register_verifiers() -> list[str]:
-    """Import the modules that register verifier backends beyond the world one ("openai"); returns the known
-    keys, sorted."""
+    """Import the modules that register verifier backends beyond the world one ("openai", "openvocab"); returns
+    the known keys, sorted."""
     import clvr.loop.vlm_verifier  # noqa: F401  (registers "openai")
+    import clvr.openvocab  # noqa: F401  (registers "openvocab")
 
     return sorted(VERIFIERS)
 
