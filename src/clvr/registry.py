@@ -114,12 +114,12 @@ def local_model_folder(model: str, key: str) -> Path:
     if p.is_dir():
         return p
     if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise CheckpointError(f"{key}: '{model}' is neither a model folder nor a hub id (owner/name)")
+        raise CheckpointError(f"{key} '{model}' is not a model folder (nor a hub id owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=model, local_files_only=True))
     except Exception as e:  # not in the cache, or not a valid id: never the hub client's traceback
-        raise CheckpointError(f"{key}: no local copy of '{model}': weights must be present locally (they are never "
+        raise CheckpointError(f"{key} '{model}': weights must be present locally (they are never "
                               f"downloaded here; put the checkpoint in the local hub cache or give its folder): "
                               f"{type(e).__name__}") from None
