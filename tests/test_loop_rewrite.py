@@ -12,6 +12,7 @@ import pytest
 
 from conftest import clvr
 from clvr.config import ConfigError, LoopCfg, load_config, validate
+from clvr.errors import CheckpointError
 from clvr.generator import GenRequest
 from clvr.loop import make_verifier, run_loop
 from clvr.loop.controller import WorldController
@@ -175,16 +176,12 @@ def test_unknown_controller_exits_2_listing_the_known_ones_before_weights_load(m
     assert not (tmp_path / "o").exists()
 
 
-def test_learned_controller_gets_its_checkpoint_from_the_config(monkeypatch):
-    from clvr.loop.roles import CONTROLLERS
-
-    assert "learned" in register_controllers()
-    got = {}
-    monkeypatch.setitem(CONTROLLERS, "learned", lambda **kw: got.update(kw) or WorldController())
-    build_controller(load_config("ci", ["loop.controller=learned", "loop.controller_model=/ckpt/x"]))
-    assert got["model"] == "/ckpt/x" and got["grid"] == 4
-    build_controller(load_config("ci", ["loop.controller=learned"]))
-    assert got["model"] == "runs/ci/controller_sft/final"  # conf/base.yaml: <controller_sft.out>/final
+def test_learned_controller_gets_its_checkpoint_from_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default folder is relative: runs/ci/... must not exist here
+    with pytest.raises(CheckpointError, match="/ckpt/x"):
+        build_controller(load_config("ci", ["loop.controller=learned", "loop.controller_model=/ckpt/x"]))
+    with pytest.raises(CheckpointError, match="runs/ci/controller_sft/final"):  # conf/base.yaml: <controller_sft.out>/final
+        build_controller(load_config("ci", ["loop.controller=learned"]))
 
 
 def test_the_openai_controller_is_asked_once_for_the_whole_layout(monkeypatch):

@@ -104,11 +104,12 @@ def is_vlm(model: str) -> bool:
 
 @register_controller("learned")
 def learned_controller(model: str = "", grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
-                       max_new_tokens: int | None = None):
-    """Registry factory; `model` is the controller folder (config `loop.controller_model`): the causal LM's
-    (`LearnedController`) or a VLM's, or a VLM's hub id present locally (`clvr.learned.vlm_controller`)."""
+                       max_new_tokens: int | None = None, cfg=None):
+    """Registry factory; `model` (default: config `loop.controller_model`) is the controller folder: the causal
+    LM's (`LearnedController`) or a VLM's, or a VLM's hub id present locally (`clvr.learned.vlm_controller`)."""
     from clvr.errors import CheckpointError
 
+    model = model or (cfg.loop.controller_model if cfg is not None else "")
     if not model:
         raise CheckpointError("the learned controller needs a controller folder (loop.controller_model)")
     if is_vlm(model):

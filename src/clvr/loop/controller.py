@@ -287,5 +287,8 @@ def group(ready: list[Step], k: int, scene: Scene) -> dict:
 
 @register_controller("world")
 def world_controller(grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
-                     k_success: KSuccess | None = None) -> WorldController:
+                     k_success: KSuccess | None = None, cfg=None) -> WorldController:
+    """Registry factory; without `k_success`, the table `cfg.loop.k_success` names (none: one op per call)."""
+    if k_success is None and cfg is not None:
+        k_success = load_k_success(cfg.loop.k_success)
     return WorldController(grid, retries_per_step, max_prompt_chars, k_success)

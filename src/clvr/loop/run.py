@@ -279,9 +279,6 @@ def load_generator(cfg: Config, model: str, steps: int | None = None, guidance: 
     return make_generator(cfg.loop.generator, model=model, steps=steps, guidance=guidance, cfg=cfg)
 
 
-LEARNED = "learned"  # the learned controller's key (clvr.learned.controller registers it)
-
-
 def register_controllers() -> list[str]:
     """Import the modules that register controller backends beyond the world one ("openai", "learned"); returns
     the known keys, sorted."""
@@ -301,20 +298,12 @@ def check_controller(key: str) -> None:
 
 
 def build_controller(cfg: Config) -> Controller:
-    """The controller `loop.controller` names; the "openai" one gets the config's endpoint settings, the world
-    one its per-k success table, the learned one its checkpoint (`loop.controller_model`)."""
+    """The controller `loop.controller` names. Every controller factory gets the loop's settings and the whole
+    config as `cfg`, from which it reads its own (the world one its per-k success table, the "openai" one the
+    endpoint section, the learned one its checkpoint `loop.controller_model`)."""
     check_controller(cfg.loop.controller)
-    kw = dict(grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
-              max_prompt_chars=cfg.loop.max_prompt_chars)
-    if cfg.loop.controller == "openai":
-        kw["controller_cfg"] = cfg.controller
-    if cfg.loop.controller == "world":
-        from clvr.loop.controller import load_k_success
-
-        kw["k_success"] = load_k_success(cfg.loop.k_success)
-    if cfg.loop.controller == LEARNED:
-        kw["model"] = cfg.loop.controller_model
-    return make_controller(cfg.loop.controller, **kw)
+    return make_controller(cfg.loop.controller, grid=cfg.world.grid, retries_per_step=cfg.loop.retries_per_step,
+                           max_prompt_chars=cfg.loop.max_prompt_chars, cfg=cfg)
 
 
 def register_verifiers() -> list[str]:

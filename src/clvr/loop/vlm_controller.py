@@ -69,6 +69,7 @@ def controller_error(trace) -> str | None:
 
 @register_controller("openai")
 def openai_loop_controller(grid: int = 4, retries_per_step: int = 2, max_prompt_chars: int = 500,
-                           controller_cfg: ControllerCfg | None = None) -> VLMController:
-    """Registry factory; the endpoint settings are the config's `controller` section (`controller_cfg`)."""
-    return VLMController(controller_cfg or ControllerCfg(), grid, retries_per_step, max_prompt_chars)
+                           controller_cfg: ControllerCfg | None = None, cfg=None) -> VLMController:
+    """Registry factory; the endpoint settings are `controller_cfg`, else the config's `controller` section."""
+    controller_cfg = controller_cfg or (cfg.controller if cfg is not None else ControllerCfg())
+    return VLMController(controller_cfg, grid, retries_per_step, max_prompt_chars)
