@@ -9,23 +9,11 @@ import numpy as np
 import pytest
 
 from clvr.io import load_png
+from clvr.judge import GENEVAL_METADATA, read_jsonl
 from clvr.probe import GENEVAL_TAGS
 from clvr.world.grammar import geneval_suite
 
 from conftest import clvr
-
-REAL = Path(__file__).resolve().parents[1] / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
-REAL_FALLBACK = [  # lines of GenEval's evaluation_metadata.jsonl, used when the repository's copy is absent
-    {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
-    {"tag": "two_object", "include": [{"class": "toilet", "count": 1}, {"class": "computer mouse", "count": 1}],
-     "prompt": "a photo of a toilet and a computer mouse"},
-    {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
-     "prompt": "a photo of two clocks"},
-    {"tag": "position", "include": [{"class": "sink", "count": 1}, {"class": "tv", "count": 1,
-                                                                      "position": ["right of", 0]}],
-     "prompt": "a photo of a tv right of a sink"},
-]
-
 
 def world_metadata(path: Path, per_tag: int = 1, seed: int = 5) -> list[dict]:
     """GenEval-format metadata in world vocabulary (what `clvr eval geneval-world` draws), written to `path`."""
@@ -37,11 +25,9 @@ def world_metadata(path: Path, per_tag: int = 1, seed: int = 5) -> list[dict]:
 
 
 def real_metadata(path: Path) -> list[dict]:
-    """One real GenEval prompt per tag (the repository's copy of the metadata when present)."""
-    rows = REAL_FALLBACK
-    if REAL.is_file():
-        lines = [json.loads(l) for l in REAL.read_text().splitlines() if l.strip()]
-        rows = [next(r for r in lines if r["tag"] == t) for t in GENEVAL_TAGS]
+    """The first real GenEval prompt of each tag (benchmarks/geneval/, the repository's copy)."""
+    lines = read_jsonl(GENEVAL_METADATA)
+    rows = [next(r for r in lines if r["tag"] == t) for t in GENEVAL_TAGS]
     write(path, rows)
     return rows
 
@@ -194,8 +180,9 @@ def test_real_geneval_prompts_single_mode_and_unplannable_loop_prompts(monkeypat
 ])
 def test_bad_batch_input_exits_2_with_one_line(monkeypatch, capsys, tmp_path, args, needle):
     monkeypatch.chdir(tmp_path)
-    write(tmp_path / "m.jsonl", REAL_FALLBACK[:1])
-    (tmp_path / "bad.jsonl").write_text(json.dumps(REAL_FALLBACK[0]) + "\n{oops\n")
+    first = read_jsonl(GENEVAL_METADATA)[0]
+    write(tmp_path / "m.jsonl", [first])
+    (tmp_path / "bad.jsonl").write_text(json.dumps(first) + "\n{oops\n")
     code, out, err = clvr(monkeypatch, capsys, "generate", *args, "--model", "oracle", "--profile", "ci")
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "o").exists()

@@ -13,14 +13,13 @@ from conftest import clvr
 from clvr.config import load_config
 from clvr.errors import CheckpointError, ClvrError, ConfigError
 from clvr.io import save_png
-from clvr.judge import detect_for, judge_image, read_jsonl, unsupported
+from clvr.judge import GENEVAL_METADATA, detect_for, judge_image, read_jsonl, unsupported
 from clvr.openvocab import (COLOR_TEMPLATES, GENEVAL_CLASSES, GENEVAL_COLORS, OpenVocabDetector, OpenVocabVerifier,
                             Rules, box_iou, build_random_detector, colour_classifier, load_detector, pick_colours,
                             random_parts, save_random_checkpoints, select_boxes, to_detection)
 from clvr.world.detector import Detection
 from clvr.world.vocab import COLORS, SHAPES
 
-METADATA = Path(__file__).resolve().parents[1] / "benchmarks" / "geneval" / "evaluation_metadata.jsonl"
 PROMPTS = [  # GenEval records: a colour clause, a counting prompt, a position prompt
     {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "brown"}], "prompt": "a photo of a brown dog"},
     {"tag": "counting", "include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}],
@@ -156,9 +155,7 @@ def test_bad_images_are_refused(det):
 
 
 def test_the_real_metadata_is_all_supported(det):
-    if not METADATA.is_file():
-        pytest.skip(f"{METADATA} not in this checkout")
-    rows = read_jsonl(METADATA)
+    rows = read_jsonl(GENEVAL_METADATA)
     clauses = [c for r in rows for k in ("include", "exclude") for c in r.get(k, [])]
     assert len(rows) == 553 and {c["class"] for c in clauses} == set(GENEVAL_CLASSES)
     assert all(unsupported(md, det) is None for md in rows)
