@@ -25,7 +25,7 @@ VerifierOpt = typer.Option(None, "--verifier",
                                 "--set loop.verifier=KEY; openai's endpoint is the config's judge section)")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
 GENERATE_USES = ("world", "loop", "controller", "judge", "klein", "detector", "eval")  # detector: loop.verifier=openvocab
-EVAL_USES = ("world", "loop", "controller", "judge", "klein", "detector", "eval")
+EVAL_USES = GENERATE_USES  # the eval commands run the same loop with the same roles
 TRACE_FILES = {"trace.json", "final.png", "filmstrip.png", "steps"}
 MaxCallsOpt = typer.Option(["1,2,3,4,unbounded"], "--max-calls",
                            help="call budgets to also run the loop at (comma-separated or repeated; "

@@ -289,12 +289,15 @@ def register_controllers() -> list[str]:
     return sorted(CONTROLLERS)
 
 
-def check_controller(key: str) -> None:
-    """An unknown controller key -> ClvrError listing the known ones (call it before any weights load)."""
-    known = register_controllers()
+def check_role_key(role: str, key: str, known: list[str]) -> None:
+    """An unknown `role` key ("controller", "verifier") -> ClvrError listing the known ones and where the key is
+    set (config loop.<role>, --<role>); call it before any weights load."""
     if key not in known:
-        raise ClvrError(f"unknown controller '{key}' (known: {', '.join(known)}; config loop.controller, "
-                        f"--controller)")
+        raise ClvrError(f"unknown {role} '{key}' (known: {', '.join(known)}; config loop.{role}, --{role})")
+
+
+def check_controller(key: str) -> None:
+    check_role_key("controller", key, register_controllers())
 
 
 def build_controller(cfg: Config) -> Controller:
@@ -316,10 +319,7 @@ def register_verifiers() -> list[str]:
 
 
 def check_verifier(key: str) -> None:
-    """An unknown verifier key -> ClvrError listing the known ones (call it before any weights load)."""
-    known = register_verifiers()
-    if key not in known:
-        raise ClvrError(f"unknown verifier '{key}' (known: {', '.join(known)}; config loop.verifier, --verifier)")
+    check_role_key("verifier", key, register_verifiers())
 
 
 def build_verifier(cfg: Config) -> Verifier:
