@@ -44,6 +44,14 @@ def fraction(v: float) -> bool:
     return math.isfinite(v) and 0 <= v <= 1
 
 
+DEVICE_RULE = "auto | cpu | cuda | cuda:N"
+
+
+def is_device(v: str) -> bool:
+    """A device a model section may name (DEVICE_RULE; clvr.registry.resolve_device resolves auto)."""
+    return v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+
+
 def nonempty(v: str) -> bool:
     return bool(str(v).strip())
 
@@ -479,8 +487,7 @@ class KleinCfg:
         need(at_least(1)(self.guidance), f"{name}.guidance", ">= 1 (1 = no CFG)", self.guidance)
         need(self.dtype in ("auto", "float32", "bfloat16", "float16"), f"{name}.dtype",
              "auto, float32, bfloat16 or float16", self.dtype)
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{name}.device",
-             "auto, cpu, cuda or cuda:N", self.device)
+        need(is_device(self.device), f"{name}.device", DEVICE_RULE, self.device)
 
 
 @dataclass
@@ -564,8 +571,7 @@ class DetectorCfg:
                  "in 0..1 (1 excluded)")
         need(0 < self.max_overlap <= 1, f"{name}.max_overlap", "in 0..1 (0 excluded; 1 = no NMS)", self.max_overlap)
         need(self.max_objects >= 1, f"{name}.max_objects", ">= 1", self.max_objects)
-        need(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
-             f"{name}.device", "auto | cpu | cuda | cuda:N", self.device)
+        need(is_device(self.device), f"{name}.device", DEVICE_RULE, self.device)
 
 
 PROBE_SPLITS = ("all", "held_out")

@@ -46,7 +46,7 @@ from clvr.loop.roles import Perception, register_verifier
 from clvr.loop.verify import WorldVerifier
 from clvr.world.detector import Detection
 from clvr.world.vocab import COLORS, SHAPES
-from clvr.registry import local_model_folder
+from clvr.registry import local_model_folder, resolve_device
 
 # GenEval's object classes (its object_names.txt: the 80 COCO classes, COCO's order, GenEval's names).
 GENEVAL_CLASSES: tuple[str, ...] = (
@@ -287,14 +287,6 @@ def _load_parts(folder: Path, ident: str, key: str, model_cls: str):
     except Exception as e:  # missing files, wrong shapes
         raise CheckpointError(f"{key} '{ident}' does not load: {str(e).splitlines()[0][:300]}") from None
     return model, tok, images
-
-
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_detector(cfg, grid: int, classes: str | None = None) -> OpenVocabDetector:

@@ -107,13 +107,28 @@ def model_digest(model: str) -> str:
     return h.hexdigest()
 
 
+def is_hub_id(model: str) -> bool:
+    """Whether `model` reads as a hub id (owner/name) rather than a path: nothing of that name exists here, it does
+    not start like a path, and it has exactly one slash."""
+    return not Path(model).expanduser().exists() and not model.startswith((".", "/", "~")) and model.count("/") == 1
+
+
+def resolve_device(device: str) -> str:
+    """A config's device (auto | cpu | cuda | cuda:N, clvr.config.is_device): auto = cuda when visible, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def local_model_folder(model: str, key: str) -> Path:
     """`model` (named by config key `key`) as a local folder: itself, or a hub id's snapshot in the local hub cache.
     Weights are never downloaded: a hub id with no local copy is a CheckpointError naming it."""
     p = Path(model).expanduser()
     if p.is_dir():
         return p
-    if p.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not is_hub_id(model):
         raise CheckpointError(f"{key} '{model}' is not a model folder (nor a hub id owner/name)")
     from huggingface_hub import snapshot_download
 

@@ -96,10 +96,12 @@ def is_vlm(model: str) -> bool:
     hub id (owner/name, not a path)."""
     from clvr.learned.vlm import MARKER as VLM_MARKER
 
+    from clvr.registry import is_hub_id
+
     p = Path(model)
     if p.is_dir():
         return not (p / MARKER).is_file() and any((p / f).is_file() for f in ("config.json", VLM_MARKER))
-    return not p.exists() and not model.startswith((".", "/", "~")) and model.count("/") == 1
+    return is_hub_id(model)
 
 
 @register_controller("learned")

@@ -42,7 +42,7 @@ import torch
 
 from clvr.errors import CheckpointError, ClvrError
 from clvr.generator import GenRequest, GenResult, register_generator
-from clvr.registry import INDEX, SHIPPED, local_model_folder
+from clvr.registry import INDEX, SHIPPED, local_model_folder, resolve_device
 from clvr.train.data import join_text
 
 PIPELINE_CLASS = "Flux2KleinPipeline"
@@ -193,10 +193,6 @@ def load_klein(folder: Path, name: str, dtype: torch.dtype, device: str):
         raise CheckpointError(f"klein checkpoint '{name}': its tokenizer has no chat template")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def _device(name: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def _dtype(name: str, device: str) -> torch.dtype:
@@ -367,7 +363,7 @@ def klein_generator(model: str = "distilled", steps: int | None = None, guidance
         raise ClvrError("the klein generator needs the config (make_generator(..., cfg=cfg))")
     k = cfg.klein
     folder, name = resolve(model, cfg)
-    device = _device(k.device)
+    device = resolve_device(k.device)
     pipe = load_klein(folder, name, _dtype(k.dtype, device), device)
     resolution = k.resolution or cfg.world.grid * cfg.world.cell
     return KleinGenerator(pipe, resolution, k.grid, k.max_sequence_length, steps, guidance, k.base_steps,
