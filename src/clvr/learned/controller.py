@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned.grammar import Lexicon, StepParse, best_allowed
 from clvr.learned.model import MARKER, load_controller
 from clvr.learned.state import state_text
 from clvr.learned.tokens import decode_step, encode_state
@@ -54,8 +54,7 @@ def greedy_step(model, tokenizer, lex: Lexicon, state: LoopState, max_new_tokens
     cache, logits = out.cache, out.logits[0, -1]
     new: list[int] = []
     while len(new) < max_new_tokens:
-        allowed = parse.allowed()
-        tok = allowed[int(torch.argmax(logits[torch.tensor(allowed)]))] if len(allowed) > 1 else allowed[0]
+        tok = best_allowed(logits, parse.allowed())
         parse.feed(tok)
         new.append(tok)
         if parse.done:

@@ -141,6 +141,14 @@ class StepParse:
                 self.done = True
 
 
+def best_allowed(logits: torch.Tensor, allowed: list[int]) -> int:
+    """Greedy constrained decoding's choice: the allowed token with the highest logit (`logits` (V,) of one
+    position; a single allowed token needs no lookup)."""
+    if len(allowed) == 1:
+        return allowed[0]
+    return allowed[int(torch.argmax(logits[torch.tensor(allowed, device=logits.device)]))]
+
+
 class StepLogitsProcessor(LogitsProcessor):
     """`StepParse` as a transformers logits processor: every disallowed lexeme gets -inf. Rows of a batch may
     have their own scenes; `prompt_len` is where generation starts in `input_ids` (the same for every row,

@@ -50,7 +50,7 @@ from clvr.config import Config, to_dict
 from clvr.errors import ClvrError
 from clvr.io import atomic_dir, atomic_write_text
 from clvr.learned.decisions import decision_states, teacher_labels
-from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned.grammar import Lexicon, StepParse, best_allowed
 from clvr.learned import tokens as T
 from clvr.learned.model import build_model, load_controller, save_controller
 from clvr.learned.state import state_text
@@ -221,9 +221,7 @@ def exact_match(model, lex: Lexicon, examples: list[Decision], pad: int, collate
             start = d.labels.index(next(x for x in d.labels if x != -100))
             parse, ok = StepParse(lex, d.scene), True
             for pos in range(start, len(d.ids) - 1):  # the label's lexemes; its last token is [EOS]
-                allowed = parse.allowed()
-                scores = logits[row, pos - 1, allowed]
-                if allowed[int(torch.argmax(scores))] != d.ids[pos]:
+                if best_allowed(logits[row, pos - 1], parse.allowed()) != d.ids[pos]:
                     ok = False
                     break
                 parse.feed(d.ids[pos])

@@ -37,7 +37,7 @@ import torch
 
 from clvr.errors import CheckpointError
 from clvr.learned.controller import TRUNCATED, DecodeStats
-from clvr.learned.grammar import Lexicon, StepParse
+from clvr.learned.grammar import Lexicon, StepParse, best_allowed
 from clvr.learned.state import state_text
 from clvr.learned.vlm import VLMProcessor, build_processor, build_vlm, load_vlm, prompt_ids
 from clvr.loop.controller import ModelController
@@ -170,11 +170,7 @@ class VLMController(ModelController):
         length, new = len(prefix) + len(rest), []
         try:
             while len(new) < self.max_new_tokens:
-                allowed = parse.allowed()
-                if len(allowed) > 1:
-                    tok = allowed[int(torch.argmax(logits[torch.tensor(allowed, device=logits.device)]))]
-                else:
-                    tok = allowed[0]
+                tok = best_allowed(logits, parse.allowed())
                 parse.feed(tok)
                 new.append(tok)
                 if parse.done:
