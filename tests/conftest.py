@@ -32,6 +32,15 @@ def die_at_step(monkeypatch):
     return die
 
 
+def synthesized(out, *overrides: str):
+    """`out` holding a data-engine data set made by the real synthesize stage (profile ci, one worker, quiet)."""
+    from clvr import synthesize
+    from clvr.config import load_config
+
+    synthesize.run(load_config("ci", [f"synthesize.out={out}", *overrides]), workers=1, log=lambda m: None)
+    return out
+
+
 def clvr(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run `clvr ARGS...` in-process (tests import it: `from conftest import clvr`) -> (exit code, stdout, stderr)."""
     from clvr.cli import main

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clvr import synthesize
+from conftest import synthesized
 from clvr.config import load_config
 from clvr.learned import train
 from clvr.learned.model import load_controller
@@ -22,11 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data")
-    cfg = load_config("ci", [f"synthesize.out={out}", "synthesize.generator=noisy-oracle", "synthesize.n_per_tier=3",
-                             "synthesize.shard_size=30"])
-    synthesize.run(cfg, workers=1, log=lambda m: None)
-    return out
+    return synthesized(tmp_path_factory.mktemp("data"), "synthesize.generator=noisy-oracle", "synthesize.n_per_tier=3",
+                       "synthesize.shard_size=30")
 
 
 def cfg_for(data: Path, out: Path, *overrides: str):

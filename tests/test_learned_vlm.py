@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from clvr import synthesize
+from conftest import synthesized
 from clvr.config import load_config
 from clvr.errors import CheckpointError, ConfigError
 from clvr.learned import train, vlm
@@ -27,10 +27,8 @@ TINY = ("controller_sft.model_class=vlm", "controller_sft.layers=1", "controller
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """One trajectory of the real data engine (the oracle generator, a tier-3 prompt: 5 calls and a stop)."""
-    out = tmp_path_factory.mktemp("data")
-    cfg = load_config("ci", [f"synthesize.out={out}", "synthesize.generator=oracle", "synthesize.n_per_tier=1",
-                             "synthesize.tiers=[3]"])
-    synthesize.run(cfg, workers=1, log=lambda m: None)
+    out = synthesized(tmp_path_factory.mktemp("data"), "synthesize.generator=oracle", "synthesize.n_per_tier=1",
+                      "synthesize.tiers=[3]")
     assert len(list(load_trajectories(out))) == 1
     return out
 
