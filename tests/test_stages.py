@@ -73,7 +73,7 @@ def test_registry_is_consistent():
 def test_two_flows_over_one_registry():
     """The foundation flow makes the released weights and lists no dependency on them; the retrain flow starts
     from them and has no pretrain or distill stage."""
-    assert [s.name for s in flow_stages("foundation")] == ["pretrain", "finetune", "distill", "ship"]
+    assert [s.name for s in flow_stages("foundation")] == ["vae", "pretrain", "finetune", "distill", "ship"]
     assert [s.name for s in flow_stages("retrain")] == ["synthesize", "controller_sft", "sft", "evaluate"]
     assert sorted(s.name for f in FLOWS for s in flow_stages(f)) == sorted(s.name for s in STAGES)
     for s in STAGES:
@@ -139,7 +139,7 @@ def test_resolve_names_config_values(tmp_path):
 
 
 def test_unknown_stage_is_a_clear_error():
-    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: pretrain, finetune, distill, ship, synthesize"):
+    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: vae, pretrain, finetune, distill, ship, synthesize"):
         get_stage("pprl")
 
 

@@ -326,9 +326,11 @@ def test_engine_config_errors_name_the_key(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(ConfigError, match="pretrain.batch_size"):  # 8 does not split over 3 ranks
+    with pytest.raises(ConfigError, match="vae.batch_size"):  # 2 does not split over 3 ranks
         load_config("ci")
-    assert load_config("ci", ["pretrain.batch_size=9", "finetune.batch_size=9", "distill.batch_size=9",
+    with pytest.raises(ConfigError, match="pretrain.batch_size"):  # 8 does not either
+        load_config("ci", ["vae.batch_size=9"])
+    assert load_config("ci", ["vae.batch_size=9", "pretrain.batch_size=9", "finetune.batch_size=9", "distill.batch_size=9",
                                 "sft.batch_size=9", "controller_sft.batch_size=9"]).pretrain.batch_size == 9
 
 

@@ -111,6 +111,10 @@ class GeneratorCfg:
     max_text_len: int = 16  # tokens; trace + instruction is truncated from the left (the instruction stays)
     cell_slots: bool = False  # grid*grid*3 cell-slot tokens before the free text (clvr.models.pipeline)
     head_width: int = 0  # > 0: MLP output head of this width (clvr.models.transformer); 0: the stock Linear
+    # a cell autoencoder folder (the vae stage's final/, clvr.models.vae): image tokens are its latents, so a new
+    # generator trains in latent space; "" = pixel tokens. Only a generator built from scratch reads it (a
+    # checkpoint carries its own autoencoder, or none)
+    vae: str = ""
 
     def check(self, name: str) -> None:
         need_all(self, name, "hidden heads text_hidden text_layers max_text_len", at_least(1), ">= 1")
@@ -183,6 +187,33 @@ class PretrainCfg(DataMixCfg):
         need(self.eval_steps >= 1, f"{name}.eval_steps", ">= 1", self.eval_steps)
         need(self.train_sigmas >= 0, f"{name}.train_sigmas", ">= 0", self.train_sigmas)
         need(0 <= self.text_dropout < 1, f"{name}.text_dropout", "in 0..1 (1 excluded)", self.text_dropout)
+
+
+@dataclass
+class VaeCfg(DataMixCfg):
+    """The cell autoencoder (`vae` stage, clvr.train.vae): a tiny diffusers AutoencoderKL trained on random cells of
+    the world's looks. Its batch is `batch_size` rows of grid*grid cells; the data-mix keys it inherits are unused."""
+
+    out: str = "runs/vae"
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    latent_channels: int = 4  # a cell's latent: latent_channels x (cell / 8) x (cell / 8)
+    width: int = 32  # channels of the three inner blocks (the first has width / 2)
+    kl_weight: float = 1e-4  # per latent value
+    log_every: int = 50
+    eval_every: int = 500
+    ckpt_every: int = 250
+    eval_trials: int = 500  # random cells reconstructed per evaluation
+    threads: int = 1
+    seed: int = 0
+
+    def check(self, name: str) -> None:
+        check_data_mix(self, name)
+        need_all(self, name, "latent_channels eval_trials threads", at_least(1), ">= 1")
+        need(self.width >= 2 and self.width % 2 == 0, f"{name}.width", "an even number >= 2", self.width)
+        need(at_least(0)(self.kl_weight), f"{name}.kl_weight", ">= 0", self.kl_weight)
 
 
 @dataclass
@@ -725,6 +756,7 @@ class Config:
     seed: int = 0
     world: WorldCfg = field(default_factory=WorldCfg)
     generator: GeneratorCfg = field(default_factory=GeneratorCfg)
+    vae: VaeCfg = field(default_factory=VaeCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)

@@ -27,7 +27,7 @@ import random
 import re
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -169,7 +169,10 @@ TRAIN_PARAMS = ("seed", "world", "generator", "sample", "engine")
 
 STAGES: list[Stage] = [
     # ---- foundation: the released weights
-    _train_stage("pretrain", "foundation", "clvr.train.pretrain:run", (*TRAIN_PARAMS, "pretrain")),
+    replace(_train_stage("vae", "foundation", "clvr.train.vae:run", ("seed", "world", "engine", "vae")),
+            generator=False),  # its final/ is a cell autoencoder (clvr.models.vae), read through generator.vae
+    _train_stage("pretrain", "foundation", "clvr.train.pretrain:run", (*TRAIN_PARAMS, "pretrain"),
+                 extra_deps=("{vae.out}/final",)),
     _train_stage("finetune", "foundation", "clvr.train.finetune:run", (*TRAIN_PARAMS, "finetune"),
                  extra_deps=("{pretrain.out}/final",)),
     _train_stage("distill", "foundation", "clvr.train.distill:run", (*TRAIN_PARAMS, "distill"),

@@ -1,4 +1,4 @@
-"""`clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world controller-sft`,
+"""`clvr world vae`, `clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world controller-sft`,
 `clvr world ship`, `clvr world bench-generator`."""
 
 from __future__ import annotations
@@ -14,11 +14,22 @@ from clvr.config import load_config
 
 Overrides = typer.Argument(None, help="key=value config overrides, e.g. pretrain.steps=100")
 # The config sections each command reads: an override of another section is an error, not silently ignored.
+VAE_USES = ("world", "vae", "engine")
 TRAIN_USES = ("world", "generator", "pretrain", "sample", "engine")
 FINETUNE_USES = ("world", "generator", "pretrain", "finetune", "sample", "engine")
 DISTILL_USES = ("world", "generator", "pretrain", "finetune", "distill", "sample", "engine")
 SFT_USES = ("world", "weights", "sft", "sample", "engine")
 CONTROLLER_SFT_USES = ("world", "loop", "controller_sft", "engine")
+
+
+@world_app.command("vae")
+def vae(overrides: Optional[List[str]] = Overrides, profile: str = ProfileOpt) -> None:
+    """Train the cell autoencoder a latent generator draws with (generator.vae; resumes from the newest checkpoint
+    in vae.out). Last line: JSON metrics."""
+    from clvr.train.vae import run
+
+    res = run(load_config(profile, overrides, uses=VAE_USES, command="world vae"))
+    typer.echo(json.dumps({"final": res["final"], **res["metrics"]}))
 
 
 @world_app.command("pretrain")

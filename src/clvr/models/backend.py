@@ -45,13 +45,16 @@ def load_pipeline(model: str | Path) -> WorldPipeline:
     _forget_source(pipe)
     pipe.transformer.eval()
     pipe.text_encoder.eval()
+    if pipe.vae is not None:
+        pipe.vae.eval().requires_grad_(False)
     return pipe
 
 
 def _check_finite(pipe: WorldPipeline, path: Path) -> None:
     """Weights holding NaN or inf (a diverged run, a damaged file) would sample garbage without a word: refuse them."""
-    for part in ("transformer", "text_encoder"):
-        for name, t in getattr(pipe, part).state_dict().items():
+    for part in ("transformer", "text_encoder", "vae"):
+        module = getattr(pipe, part)
+        for name, t in (module.state_dict() if module is not None else {}).items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"generator checkpoint '{path}' has non-finite weights (NaN or inf) in "
                                       f"{part}.{name}")
@@ -62,7 +65,7 @@ def _forget_source(pipe: WorldPipeline) -> None:
     model saved after loading (a fine-tune, a resumed run) writes the same config files as a fresh one."""
     from diffusers.configuration_utils import FrozenDict
 
-    for part in (pipe, pipe.transformer, pipe.scheduler):
+    for part in (pipe, pipe.transformer, pipe.scheduler, *([pipe.vae] if pipe.vae is not None else [])):
         cfg = part._internal_dict
         if "_name_or_path" in cfg:
             part._internal_dict = FrozenDict({k: v for k, v in cfg.items() if k != "_name_or_path"})

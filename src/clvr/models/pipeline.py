@@ -5,7 +5,9 @@ sub-folder per component, safetensors weights; loading never unpickles).
 Conditioning path as FLUX.2 [klein]: text tokens are `encoder_hidden_states`; the reference canvas enters as
 extra image tokens appended after the noisy tokens, with position ids offset on the T axis (t=10, as
 `Flux2KleinPipeline._prepare_image_ids`). Tokens are grid cells: one 16x16x3 patch = 768 features per token,
-plus one grounding channel that marks the cells a step names (GLIGEN-like: the controller knows the layout).
+plus one grounding channel that marks the cells a step names (GLIGEN-like: the controller knows the layout). A
+latent generator (`vae`, clvr.models.vae) takes each cell's autoencoder latent as its token instead, as FLUX.2
+denoises its VAE's latents; the sampled latents are decoded cell by cell.
 
 Cell slots (config `cell_slots`, saved with the model; off in the shipped weights): the text starts with
 grid*grid fixed slots, one per cell in row-major order, each `SLOT_LEN` tokens (op word, colour, shape; [PAD]
@@ -28,11 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 from clvr.models.tokenizer import PAD, build_tokenizer
 from clvr.models.transformer import WorldTransformer
+from clvr.models.vae import cells_to_images, latent_feat, latent_hw
 from clvr.steps import Step
 from clvr.world.vocab import BACKGROUND, COLORS
 
@@ -58,14 +61,15 @@ class Cond:
 
 class WorldPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer"
+    _optional_components = ["vae"]
 
     def __init__(self, transformer: Flux2Transformer2DModel, text_encoder: Qwen3Model,
                  tokenizer: PreTrainedTokenizerFast, scheduler: FlowMatchEulerDiscreteScheduler,
-                 grid: int = 4, cell: int = 16, max_text_len: int = 64, default_steps: int = 28,
-                 default_guidance: float = 2.0, cell_slots: bool = False):
+                 vae: AutoencoderKL | None = None, grid: int = 4, cell: int = 16, max_text_len: int = 64,
+                 default_steps: int = 28, default_guidance: float = 2.0, cell_slots: bool = False):
         super().__init__()
         self.register_modules(transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
-                              scheduler=scheduler)
+                              scheduler=scheduler, vae=vae)
         self.register_to_config(grid=grid, cell=cell, max_text_len=max_text_len, default_steps=default_steps,
                                 default_guidance=default_guidance, cell_slots=cell_slots)
 
@@ -74,12 +78,13 @@ class WorldPipeline(DiffusionPipeline):
     def from_sizes(cls, hidden: int, heads: int, double_layers: int, single_layers: int, text_hidden: int,
                    text_layers: int, max_text_len: int, grid: int = 4, cell: int = 16, seed: int = 0,
                    default_steps: int = 28, default_guidance: float = 2.0, cell_slots: bool = False,
-                   head_width: int = 0) -> "WorldPipeline":
+                   head_width: int = 0, vae: AutoencoderKL | None = None) -> "WorldPipeline":
         """A freshly initialised tiny pipeline (deterministic under `seed`); `head_width` > 0: an MLP output head
-        (clvr.models.transformer)."""
+        (clvr.models.transformer); `vae`: a trained cell autoencoder (clvr.models.vae), whose latents become the
+        image tokens instead of the cells' pixels."""
         torch.manual_seed(seed)
         tok = build_tokenizer(max_text_len)
-        feat = cell * cell * 3
+        feat = cell * cell * 3 if vae is None else latent_feat(vae, cell)
         head_dim = hidden // heads
         if head_dim % 8 and head_dim % 4 == 0 and (head_dim // 4) % 2:
             raise ValueError(f"hidden/heads = {head_dim} must split into 4 even RoPE axes")
@@ -94,7 +99,7 @@ class WorldPipeline(DiffusionPipeline):
             num_hidden_layers=text_layers, num_attention_heads=2, num_key_value_heads=1,
             head_dim=text_hidden // 2, max_position_embeddings=text_len, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False))
-        return cls(transformer, text_encoder, tok, FlowMatchEulerDiscreteScheduler(shift=1.0), grid=grid,
+        return cls(transformer, text_encoder, tok, FlowMatchEulerDiscreteScheduler(shift=1.0), vae=vae, grid=grid,
                    cell=cell, max_text_len=max_text_len, default_steps=default_steps,
                    default_guidance=default_guidance, cell_slots=cell_slots)
 
@@ -114,21 +119,44 @@ class WorldPipeline(DiffusionPipeline):
 
     @property
     def feat(self) -> int:
-        return self.config.cell ** 2 * 3
+        """Features per image token: a cell's pixels, or its latent when the pipeline has a cell autoencoder."""
+        return self.config.cell ** 2 * 3 if self.vae is None else latent_feat(self.vae, self.config.cell)
 
     def to_tokens(self, images: np.ndarray) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, grid*grid, cell*cell*3) float in [-1, 1], cells in row-major order."""
+        """(B, H, W, 3) uint8 -> (B, grid*grid, feat) image tokens, cells in row-major order."""
         g, c = self.config.grid, self.config.cell
         x = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
         b = x.shape[0]
-        return x.view(b, g, c, g, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, c * c * 3)
+        return self.encode_cells(x.view(b, g, c, g, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * g, c * c * 3))
 
     def from_tokens(self, tokens: torch.Tensor) -> np.ndarray:
         """Inverse of `to_tokens`, snapped to the world palette -> (B, H, W, 3) uint8."""
         g, c = self.config.grid, self.config.cell
         b = tokens.shape[0]
-        x = tokens.view(b, g, g, c, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * c, g * c, 3)
+        x = self.decode_cells(tokens).view(b, g, g, c, c, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, g * c, g * c, 3)
         return snap(((x.clamp(-1, 1) + 1) * 127.5).numpy())
+
+    @torch.no_grad()
+    def encode_cells(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, N, cell*cell*3) pixels in [-1, 1] -> (B, N, feat) tokens: the pixels themselves, or the cell
+        autoencoder's normalised latent means (each distinct cell encoded once)."""
+        if self.vae is None:
+            return pixels
+        c, v = self.config.cell, self.vae
+        uniq, inv = torch.unique(pixels.reshape(-1, pixels.shape[-1]), dim=0, return_inverse=True)
+        z = v.encode(cells_to_images(uniq, c).to(v.device, v.dtype)).latent_dist.mode()
+        z = ((z.float() - v.config.shift_factor) * v.config.scaling_factor).flatten(1).cpu()
+        return z[inv].view(*pixels.shape[:-1], -1)
+
+    @torch.no_grad()
+    def decode_cells(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Inverse of `encode_cells`: (B, N, feat) -> (B, N, cell*cell*3) pixels in [-1, 1] (not snapped)."""
+        if self.vae is None:
+            return tokens
+        c, v = self.config.cell, self.vae
+        z = tokens.reshape(-1, v.config.latent_channels, *latent_hw(v, c)).float()
+        x = v.decode((z / v.config.scaling_factor + v.config.shift_factor).to(v.device, v.dtype)).sample
+        return x.float().permute(0, 2, 3, 1).reshape(*tokens.shape[:-1], c * c * 3).cpu()
 
     # ---- network ------------------------------------------------------------------------------------
     @property
@@ -238,7 +266,12 @@ class WorldPipeline(DiffusionPipeline):
             x0 = ref + m[..., None] * (new - ref)
             v = (x - x0) / sigma[:, None, None].clamp_min(1e-4)
             x = sched.step(v, t, x, return_dict=False)[0]
-        return self.from_tokens(x0)
+        out = self.from_tokens(x0)
+        if self.vae is not None:  # copy by construction in pixels too: cells outside the gate are the reference's
+            keep = np.kron((m == 0).numpy().reshape(-1, self.config.grid, self.config.grid),
+                           np.ones((self.config.cell, self.config.cell)))[..., None].astype(bool)
+            out = np.where(keep, np.asarray(references, np.uint8), out)
+        return out
 
 
 def slot_words(parts: tuple[Step, ...], grid: int) -> list[str]:

@@ -71,7 +71,7 @@ class DistillLoss:
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         b, d, dev = rows.batch, self.cfg.distill, engine.to_device
         cell, w = self.cfg.world.cell, d.guidance
-        x0, ref = tokens(b.x0, cell), tokens(b.ref, cell)
+        x0, ref = pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
         region = torch.from_numpy(b.region)
         t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(self.sigmas[r.integers(len(self.sigmas))]))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
@@ -186,7 +186,8 @@ class ProgressiveLoss:
         tp = self.teacher_for(engine, pipe, rows.step)
         w = d.guidance if self.round == 0 else 1.0
         grid = self.grids[self.round]
-        x0, ref = tokens(b.x0, self.cfg.world.cell), tokens(b.ref, self.cfg.world.cell)
+        cell = self.cfg.world.cell
+        x0, ref = pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
         region, edit = torch.from_numpy(b.region), torch.from_numpy(b.edit)
         n = len(grid) - 1
         t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(grid[r.integers(n)]))

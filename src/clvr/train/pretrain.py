@@ -32,11 +32,16 @@ def build_pipeline(cfg: Config, init: str = "", seed: int | None = None) -> Worl
 
         return load_pipeline(init)
     g = cfg.generator
+    vae = None
+    if g.vae:
+        from clvr.models.vae import load_cell_vae
+
+        vae = load_cell_vae(g.vae, "generator.vae")
     return WorldPipeline.from_sizes(g.hidden, g.heads, g.double_layers, g.single_layers, g.text_hidden,
                                     g.text_layers, g.max_text_len, cfg.world.grid, cfg.world.cell,
                                     seed=cfg.pretrain.seed if seed is None else seed, default_steps=cfg.sample.steps,
                                     default_guidance=cfg.sample.guidance, cell_slots=g.cell_slots,
-                                    head_width=g.head_width)
+                                    head_width=g.head_width, vae=vae)
 
 
 def noise(rows: Rows, shape: tuple[int, int], t_of: callable) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,6 +94,7 @@ class PretrainLoss:
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         b, p, dev = rows.batch, self.s, engine.to_device
         x0, ref, changed = batch_tokens(b, self.cfg.world.grid, self.cfg.world.cell)
+        x0, ref = pipe.encode_cells(x0), pipe.encode_cells(ref)
         region = torch.from_numpy(b.region)
         t, eps = noise(rows, tuple(x0.shape[1:]), self.t_of(pipe))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
