@@ -41,7 +41,7 @@ weights: setup
 # World v2 (issue 13), NOT SHIPPED: the recipe on the varied world (world.appearance.varied=true), as CLI calls (the
 # fine-tune reads the finetune section of conf/release.yaml, as the foundation flow does). The generator is a latent
 # one: first the cell autoencoder (`clvr world vae`), then pretrain and fine-tune on its latents (generator.vae);
-# a pixel-token generator cannot draw the varied looks (README, "World v2 recipe"). Then a few-step method that
+# a pixel-token generator cannot draw the varied looks (README, "World v2"). Then a few-step method that
 # holds on a multimodal target: progressive distillation (Salimans & Ho 2022; 3 rounds: teacher = the fine-tuned
 # base at 32 steps + CFG -> 16 -> 8 -> 4 steps), the naive baseline "base trained at 4 steps" (the fine-tuned base
 # trained on as long as the distillation, t only at the 4 sampler sigmas), the benchmark of all three against
