@@ -1,7 +1,7 @@
 """End to end on real parts: both Prefect flows (Prefect test harness) on the ci profile, in a copy of this project
 in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflow store in it).
 
-First the `foundation` flow runs (pretrain, finetune, distill, ship into a temporary weights folder, never into
+First the `foundation` flow runs (vae, pretrain, finetune, distill, ship into a temporary weights folder, never into
 src/clvr/weights); then one `retrain` flow run, on the shipped weights, is shared by most assertions. In it, sft
 is given 12 steps (checkpoints at 4, 8, 12) and its process is killed with SIGKILL once the first checkpoint
 exists: the Prefect task retries, the stage resumes from its checkpoint, and the run still completes."""

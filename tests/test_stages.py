@@ -26,14 +26,14 @@ CLVR = [sys.executable, "-m", "clvr"]
 
 
 def ci_cfg(tmp: Path, *overrides: str) -> Config:
-    return load_config("ci", [f"pretrain.out={tmp}/pretrain", f"finetune.out={tmp}/finetune",
+    return load_config("ci", [f"vae.out={tmp}/vae", f"pretrain.out={tmp}/pretrain", f"finetune.out={tmp}/finetune",
                               f"distill.out={tmp}/distill", f"ship.out={tmp}/ship", f"ship.root={tmp}/weights",
                               f"sft.out={tmp}/sft", f"eval.out={tmp}/eval", *overrides])
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The real foundation stages (pretrain, finetune, distill, ship) on the ci profile, run in this process; ship
+    """The real foundation stages (vae, pretrain, finetune, distill, ship) on the ci profile, run in this process; ship
     installs into tmp/weights, never into the packaged weights."""
     from clvr.registry import SHIPPED, model_digest
 

@@ -108,7 +108,8 @@ def build_pipeline(cfg: Config, vae: AutoencoderKL) -> WorldPipeline:
 
 def trainer(cfg: Config, out: Path | None) -> Trainer:
     s, cell, app = cfg.vae, cfg.world.cell, cfg.world.appearance
-    scale_cells, eval_cells = fixed_cells(SCALE_CELLS, cell, s.seed, app), fixed_cells(s.eval_trials, cell, s.seed + 1, app)
+    scale_cells = fixed_cells(SCALE_CELLS, cell, s.seed, app)
+    eval_cells = fixed_cells(s.eval_trials, cell, s.seed + 1, app)
 
     def build(resume: Path | None) -> WorldPipeline:
         """Always a fresh autoencoder of the section's sizes: a resumed run's weights come from the checkpoint's
