@@ -1,5 +1,5 @@
-"""`clvr world vae`, `clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`, `clvr world controller-sft`,
-`clvr world ship`, `clvr world bench-generator`."""
+"""`clvr world vae`, `clvr world pretrain`, `clvr world finetune`, `clvr world distill`, `clvr world sft`,
+`clvr world controller-sft`, `clvr world ship`, `clvr world bench-generator`."""
 
 from __future__ import annotations
 

@@ -54,7 +54,9 @@ def _check_finite(pipe: WorldPipeline, path: Path) -> None:
     """Weights holding NaN or inf (a diverged run, a damaged file) would sample garbage without a word: refuse them."""
     for part in ("transformer", "text_encoder", "vae"):
         module = getattr(pipe, part)
-        for name, t in (module.state_dict() if module is not None else {}).items():
+        if module is None:  # a pixel-token generator has no autoencoder
+            continue
+        for name, t in module.state_dict().items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise CheckpointError(f"generator checkpoint '{path}' has non-finite weights (NaN or inf) in "
                                       f"{part}.{name}")
@@ -65,7 +67,9 @@ def _forget_source(pipe: WorldPipeline) -> None:
     model saved after loading (a fine-tune, a resumed run) writes the same config files as a fresh one."""
     from diffusers.configuration_utils import FrozenDict
 
-    for part in (pipe, pipe.transformer, pipe.scheduler, *([pipe.vae] if pipe.vae is not None else [])):
+    for part in (pipe, pipe.transformer, pipe.scheduler, pipe.vae):
+        if part is None:  # no autoencoder
+            continue
         cfg = part._internal_dict
         if "_name_or_path" in cfg:
             part._internal_dict = FrozenDict({k: v for k, v in cfg.items() if k != "_name_or_path"})

@@ -15,8 +15,12 @@ Latents are the encoder's means (no sampling), shifted and scaled to unit spread
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
+
+from clvr.errors import CheckpointError
 
 
 def build_cell_vae(cell: int, latent_channels: int, width: int, seed: int = 0) -> AutoencoderKL:
@@ -59,10 +63,6 @@ def fit_scaling(vae: AutoencoderKL, pixels: torch.Tensor, cell: int) -> None:
 def load_cell_vae(path: str, key: str) -> AutoencoderKL:
     """A trained cell autoencoder folder (config.json + safetensors), named by config key `key`; CheckpointError
     naming both otherwise."""
-    from pathlib import Path
-
-    from clvr.errors import CheckpointError
-
     if not (Path(path) / "config.json").is_file():
         raise CheckpointError(f"{key}: no cell autoencoder at '{path}' (missing config.json; run the vae stage, "
                               f"`clvr world vae`)")

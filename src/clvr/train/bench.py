@@ -92,16 +92,21 @@ def tier_prompts(tier: int, n: int, grid: int, seed: int) -> list[dict]:
 def single_step_pass(gen, n: int, grid: int, tiers: range | list[int], seed: int = 4321) -> dict[str, float]:
     """Pass rate per tier (keys "1".."10"); {} when the world grammar is not installed."""
     try:
-        from clvr.judge import judge_image
+        from clvr.judge import judge_image  # noqa: F401  (the guard: is the world's judge installed)
         tier_prompts(1, 1, grid, seed)
     except ImportError:
         return {}
-    out = {}
-    for tier in tiers:
-        metas = tier_prompts(tier, n, grid, seed)
-        res = gen.generate_batch([GenRequest(m["prompt"], seed=seed + i) for i, m in enumerate(metas)])
-        out[str(tier)] = float(np.mean([judge_image(m, r.image)[0] for m, r in zip(metas, res)]))
-    return out
+    return {str(tier): float(single_step_outcomes(gen, tier_prompts(tier, n, grid, seed), seed).mean())
+            for tier in tiers}
+
+
+def single_step_outcomes(gen, metas: list[dict], seed: int) -> np.ndarray:
+    """(len(metas),) bool: whether the judge passes each prompt's single text-to-image call (prompt i on noise seed
+    `seed` + i, so two generators given the same prompts and seed are compared sample for sample)."""
+    from clvr.judge import judge_image
+
+    res = gen.generate_batch([GenRequest(m["prompt"], seed=seed + i) for i, m in enumerate(metas)])
+    return np.array([judge_image(m, r.image)[0] for m, r in zip(metas, res)], bool)
 
 
 def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int], seed: int = 99,

@@ -50,7 +50,7 @@ from clvr.errors import CheckpointError
 from clvr.io import atomic_dir
 from clvr.models.pipeline import Cond, WorldPipeline
 from clvr.train import ckpt
-from clvr.train.data import tokens
+from clvr.train.data import Batch, tokens
 from clvr.train.engine import Engine
 from clvr.train.loop import Rows, Trainer
 from clvr.train.pretrain import EVAL_TIERS, noise, sampler_sigmas, weighted_x0_loss
@@ -64,14 +64,19 @@ def teacher_path(cfg: Config) -> str:
     return cfg.distill.teacher or default_teacher(cfg.finetune.out, cfg.pretrain.out)
 
 
+def cell_tokens(pipe: WorldPipeline, b: Batch, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's target and reference canvases as the pipeline's image tokens (pixels, or cell latents)."""
+    return pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
+
+
 class DistillLoss:
     def __init__(self, cfg: Config, teacher: WorldPipeline, sigmas: torch.Tensor):
         self.cfg, self.teacher, self.sigmas = cfg, teacher, sigmas
 
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         b, d, dev = rows.batch, self.cfg.distill, engine.to_device
-        cell, w = self.cfg.world.cell, d.guidance
-        x0, ref = pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
+        w = d.guidance
+        x0, ref = cell_tokens(pipe, b, self.cfg.world.cell)
         region = torch.from_numpy(b.region)
         t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(self.sigmas[r.integers(len(self.sigmas))]))
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
@@ -186,8 +191,7 @@ class ProgressiveLoss:
         tp = self.teacher_for(engine, pipe, rows.step)
         w = d.guidance if self.round == 0 else 1.0
         grid = self.grids[self.round]
-        cell = self.cfg.world.cell
-        x0, ref = pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
+        x0, ref = cell_tokens(pipe, b, self.cfg.world.cell)
         region, edit = torch.from_numpy(b.region), torch.from_numpy(b.edit)
         n = len(grid) - 1
         t, eps = noise(rows, tuple(x0.shape[1:]), lambda r: float(grid[r.integers(n)]))

@@ -75,20 +75,19 @@ class VaeLoss:
         return mse + self.cfg.vae.kl_weight * kl, {"loss_rec": mse.item(), "loss_kl": kl.item()}
 
 
-@torch.no_grad()
-def reconstruct(vae: AutoencoderKL, pixels: torch.Tensor, cell: int) -> np.ndarray:
-    """(M, cell*cell*3) pixels -> (M, cell, cell, 3) uint8: encoded, decoded from the mean, snapped."""
-    z = vae.encode(cells_to_images(pixels, cell).to(vae.device, vae.dtype)).latent_dist.mode()
-    rec = vae.decode(z).sample.float().permute(0, 2, 3, 1).cpu()
+def reconstruct(pipe: WorldPipeline, pixels: torch.Tensor, cell: int) -> np.ndarray:
+    """(M, cell*cell*3) pixels -> (M, cell, cell, 3) uint8 through the generator's own path: cell tokens
+    (`encode_cells`), back to pixels (`decode_cells`), snapped to the palette."""
+    rec = pipe.decode_cells(pipe.encode_cells(pixels[None]))[0].view(-1, cell, cell, 3)
     return snap(((rec.clamp(-1, 1) + 1) * 127.5).numpy())
 
 
-def recon_scores(vae: AutoencoderKL, contents: np.ndarray, pixels: torch.Tensor, cell: int) -> dict[str, float]:
+def recon_scores(pipe: WorldPipeline, contents: np.ndarray, pixels: torch.Tensor, cell: int) -> dict[str, float]:
     """recon_ok: the detector reads each reconstructed cell as its shape and colour; recon_exact: pixel equal."""
-    was = vae.training
-    vae.eval()
-    rec = reconstruct(vae, pixels, cell)
-    vae.train(was)
+    was = pipe.vae.training
+    pipe.vae.eval()
+    rec = reconstruct(pipe, pixels, cell)
+    pipe.vae.train(was)
     truth = ((pixels.view(-1, cell, cell, 3) + 1) * 127.5).round().to(torch.uint8).numpy()
     ok = 0
     for im, c in zip(rec, contents):
@@ -121,7 +120,7 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
         pipe.vae.save_pretrained(str(d), safe_serialization=True)
 
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
-        return recon_scores(pipe.vae, *eval_cells, cell)
+        return recon_scores(pipe, *eval_cells, cell)
 
     return Trainer("vae", cfg, s, build, VaeLoss(cfg), evaluate, out,
                    draw=lambda rng: cell_batch(rng, cfg.world.grid, app), modules=lambda p: {"vae": p.vae},
