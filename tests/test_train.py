@@ -243,7 +243,8 @@ def test_distill_method_and_rounds_are_checked():
         load_config("ci", ["distill.rounds=0"])
     with pytest.raises(ConfigError, match="distill.steps"):
         load_config("ci", ["distill.rounds=5"])  # ci distills 4 steps: a round would get none
-    assert load_config("release").distill.method == "guidance"  # the shipped recipe is unchanged
+    rel = load_config("release").distill  # the shipped student: progressive, 3 rounds
+    assert (rel.method, rel.rounds) == ("progressive", 3) and load_config("ci").distill.method == "guidance"
 
 
 KILLABLE = "pretrain.ckpt_every=1"  # checkpoints change nothing in the run (per-sample seeded data, no RNG state)

@@ -37,10 +37,14 @@ def all_looks(shape, aa=False):
                     yield Look(r, dy, dx, a, aa)
 
 
-def test_every_profile_keeps_the_fixed_world_and_an_override_turns_it_on():
-    for profile in ("ci", "cpu", "release"):
-        assert load_config(profile).world.appearance.varied is False
+def test_cpu_and_release_use_the_varied_world_ci_the_fixed_and_an_override_switches():
+    for profile, varied, vae in (("ci", False, ""), ("cpu", True, "runs/cpu/vae/final"),
+                                 ("release", True, "runs/release/vae/final")):
+        cfg = load_config(profile)
+        assert (cfg.world.appearance.varied, cfg.generator.vae) == (varied, vae)
     assert load_config("ci", ["world.appearance.varied=true"]).world.appearance.varied is True
+    assert load_config("cpu", ["world.appearance.varied=false"]).world.appearance.varied is False
+    assert load_config("release", ["vae.out=/tmp/v"]).generator.vae == "/tmp/v/final"  # follows its vae stage
     with pytest.raises(ConfigError, match="world.appearance.size"):
         load_config("ci", ["world.appearance.size=[0.1,0.4]"])
     with pytest.raises(ConfigError, match="world.cell"):

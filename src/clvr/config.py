@@ -63,9 +63,9 @@ MAX_SEED = 2**32 - 1  # numpy and torch both take seeds in 0..2**32-1
 class AppearanceCfg:
     """How objects look inside their cells (clvr.world.render.draw_look) and how text-to-image layouts are
     chosen. `varied: false` is the fixed world: each object is the canonical sprite at its cell's centre and
-    a prompt's training layout is the solver's canonical one. Every profile keeps it for now, because the
-    shipped weights (src/clvr/weights) were trained on the fixed world and are not yet retrained; turn the
-    varied world on with `world.appearance.varied=true`. The other keys only act when `varied` is true.
+    a prompt's training layout is the solver's canonical one. The cpu and release profiles use the varied world
+    (the shipped weights were trained on it); the schema default and the ci profile keep the fixed world, which
+    the tests' tiny models learn fast. The other keys only act when `varied` is true.
     Cells, relations and the judge's rules do not depend on any of this."""
 
     varied: bool = False
