@@ -188,6 +188,13 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     assert [len(g) for g in grids] == [17, 9, 5]
     assert torch.equal(grids[0][::2], grids[1]) and torch.equal(grids[1][::2], grids[2])
     assert torch.equal(grids[2], pretrain.sampler_sigmas(tp.scheduler.config, 4))
+    # rounds split the steps evenly (4 in 3: round r starts at ceil(4r / 3)), or as distill.round_steps says; the
+    # lr schedule's clock restarts at each round
+    even = distill.ProgressiveLoss(ci(tmp_path, "distill.rounds=3"), tp, None)
+    assert even.starts == [0, 2, 3] and [even.round_of(s) for s in range(4)] == [0, 0, 1, 2]
+    own = distill.ProgressiveLoss(ci(tmp_path, "distill.rounds=2", "distill.round_steps=[1,3]"), tp, None)
+    assert [own.round_of(s) for s in range(4)] == [0, 1, 1, 1] and own.first_step(1) == 1
+    assert [own.schedule(s) for s in range(4)] == [(0, 1), (0, 3), (1, 3), (2, 3)]
     # with CFG the teacher's x0 is the guided one (w = 3 differs from w = 1)
     cond_u = Cond(ref, region, cond.text, tp.encode_text([""] * 8))
     assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4
@@ -204,6 +211,9 @@ def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, die
     straight = distill.run(ci(tmp_path / "a", teacher, *over))
     m = json.loads((tmp_path / "a" / "dist" / "metrics.json").read_text())
     assert m["train_round"] == 1.0 and np.isfinite(m["train_loss"])
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "a" / "dist" / "metrics.jsonl").read_text()
+                                            .splitlines()) if r["split"] == "train"}
+    assert lrs[3] == lrs[1]  # round 1's first step restarts the schedule (as one run it would be 0.78 of step 1's)
     rounds = tmp_path / "a" / "dist" / "rounds"
     assert [p.name for p in rounds.iterdir()] == ["round-1"]
     # the saved teacher is the student at step 2 (the boundary): the step-2 checkpoint's model
@@ -243,6 +253,9 @@ def test_distill_method_and_rounds_are_checked():
         load_config("ci", ["distill.rounds=0"])
     with pytest.raises(ConfigError, match="distill.steps"):
         load_config("ci", ["distill.rounds=5"])  # ci distills 4 steps: a round would get none
+    for bad in ("[1,2]", "[4]", "[0,4]"):  # must sum to 4, one per round, each >= 1
+        with pytest.raises(ConfigError, match="distill.round_steps"):
+            load_config("ci", ["distill.rounds=2", f"distill.round_steps={bad}"])
     rel = load_config("release").distill  # the shipped student: progressive, 3 rounds
     assert (rel.method, rel.rounds) == ("progressive", 3) and load_config("ci").distill.method == "guidance"
 

@@ -309,6 +309,9 @@ class DistillCfg(DataMixCfg):
     # multimodal target (the varied world). See clvr.train.distill.
     method: str = "guidance"
     rounds: int = 1  # progressive only: the first teacher samples at nfe * 2**rounds steps (+ CFG `guidance`)
+    # progressive only: each round's steps (summing to `steps`); [] = `steps` split evenly. Each round is its own
+    # run of the lr schedule (warm-up, cosine)
+    round_steps: list[int] = field(default_factory=list)
 
     def check(self, name: str) -> None:
         check_data_mix(self, name)
@@ -316,6 +319,9 @@ class DistillCfg(DataMixCfg):
         need(1 <= self.rounds <= 6, f"{name}.rounds", "in 1..6", self.rounds)
         need(self.steps >= self.rounds, f"{name}.steps", f">= {name}.rounds ({self.rounds}: each round trains)",
              self.steps)
+        r = self.round_steps
+        need(not r or (len(r) == self.rounds and min(r) >= 1 and sum(r) == self.steps), f"{name}.round_steps",
+             f"[] or {self.rounds} (= {name}.rounds) steps >= 1 summing to {name}.steps ({self.steps})", list(r))
         need_all(self, name, "nfe teacher_steps", at_least(1), ">= 1")
         need(at_least(0)(self.guidance), f"{name}.guidance", ">= 0", self.guidance)
 

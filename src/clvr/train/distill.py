@@ -16,7 +16,9 @@ to take in one deterministic (Euler / DDIM) step what the teacher takes in two, 
 sampling *trajectories*, which end on one sharp picture each, instead of the teacher's one-step means. Rounds
 halve the steps: with `rounds` = R the first teacher is the base at nfe * 2^R steps with CFG `guidance`, each
 later round's teacher is the previous round's student (frozen, no CFG), and the last round's student samples
-at `nfe`. Round r runs global steps [r * steps / R, (r + 1) * steps / R).
+at `nfe`. Round r runs global steps [r * steps / R, (r + 1) * steps / R), or `distill.round_steps[r]` steps, and
+is its own run of the lr schedule (warm-up, cosine), as each round of the paper is its own training. The shipped
+student gives its last round the most steps: that halving, to 4 steps, is where text-to-image is lost.
 Why this method: the model predicts x0, which is the parameterisation Salimans & Ho recommend for it (the
 two-step target is an x0, see `x0_target`), it needs only the frozen teacher (no EMA target network, unlike
 consistency distillation, Song et al. 2023, whose EMA state a resume would also have to restore) and two
@@ -135,6 +137,14 @@ def two_teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_n
     return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "mask": mask}
 
 
+def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
+    """The first global step of each round: cumulative `round_steps`, or `steps` split evenly (round r starts at
+    ceil(r * steps / rounds))."""
+    if round_steps:
+        return [sum(round_steps[:r]) for r in range(rounds)]
+    return [-(-r * steps // rounds) for r in range(rounds)]
+
+
 def refine(grid: torch.Tensor) -> torch.Tensor:
     """(n + 1,) sigmas -> (2n + 1,): every interval split at its midpoint (the previous round's student grid)."""
     mids = (grid[:-1] + grid[1:]) / 2
@@ -151,14 +161,19 @@ class ProgressiveLoss:
         self.grids = [sampler_sigmas(teacher.scheduler.config, d.nfe)]  # the last round's: the sampler's
         while len(self.grids) < d.rounds:
             self.grids.insert(0, refine(self.grids[0]))
+        self.starts = round_starts(d.steps, d.rounds, d.round_steps)
 
     def round_of(self, step: int) -> int:
-        d = self.cfg.distill
-        return min(d.rounds - 1, step * d.rounds // d.steps)
+        return max(r for r, s in enumerate(self.starts) if s <= step)
 
     def first_step(self, r: int) -> int:
-        d = self.cfg.distill
-        return -(-r * d.steps // d.rounds)  # the smallest step with round_of(step) == r
+        return self.starts[r]
+
+    def schedule(self, step: int) -> tuple[int, int]:
+        """The lr schedule's clock (clvr.train.loop.Loss): (step within its round, the round's steps)."""
+        r = self.round_of(step)
+        end = self.starts[r + 1] if r + 1 < len(self.starts) else self.cfg.distill.steps
+        return step - self.starts[r], end - self.starts[r]
 
     def teacher_for(self, engine: Engine, pipe: WorldPipeline, step: int) -> WorldPipeline:
         """Round 0: the base. Round r > 0: the student as it was at round r's first step (saved then)."""

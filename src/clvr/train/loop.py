@@ -56,7 +56,9 @@ def cat_batches(parts: list[Batch]) -> Batch:
 
 class Loss(Protocol):
     """loss(engine, pipe, rows) -> (this rank's loss, stats). The mean over ranks of the returned loss (and of
-    each stat) is the global-batch value; normalisers that span the batch go through `engine.all_sum`."""
+    each stat) is the global-batch value; normalisers that span the batch go through `engine.all_sum`. A loss
+    with phases of its own (progressive distillation's rounds) may define `schedule(step) -> (step within its
+    phase, the phase's steps)`, the lr schedule's clock; without it the schedule spans the whole run."""
 
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         ...
@@ -137,7 +139,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         s = self.s
-        lr = lr_at(self.step, s.lr, s.warmup, s.steps, s.min_lr_frac)
+        at, span = self.loss.schedule(self.step) if hasattr(self.loss, "schedule") else (self.step, s.steps)
+        lr = lr_at(at, s.lr, s.warmup, span, s.min_lr_frac)
         self.engine.set_lr(lr)
         loss, stats = self.loss(self.engine, self.pipe, self.rows(self.step))
         gn = self.engine.step(loss)
