@@ -72,8 +72,9 @@ def main() -> None:
         metas = tier_prompts(tier, args.n, grid, args.seed)
         out[str(tier)] = paired(*(single_step_outcomes(g, metas, args.seed) for g in gens))
         print(tier, out[str(tier)], flush=True)
-    print(json.dumps({"a": args.a, "b": args.b, "n": args.n, "seed": args.seed, "steps": gens[0].steps,
-                      "guidance": gens[0].guidance, "per_tier": out,
+    print(json.dumps({"a": args.a, "b": args.b, "n": args.n, "seed": args.seed,
+                      "steps": {"a": gens[0].steps, "b": gens[1].steps},  # each model's sampler
+                      "guidance": {"a": gens[0].guidance, "b": gens[1].guidance}, "per_tier": out,
                       "max_abs_diff": max(abs(v["diff"]) for v in out.values()),
                       "seconds": round(time.perf_counter() - t0, 1)}))
 

@@ -89,7 +89,7 @@ def test_slots_reach_the_text_encoder_and_a_slotless_model_ignores_them():
 
 
 def test_shipped_slotless_base_behaves_as_before(tmp_path):
-    """The shipped weights have no cell_slots key: they load slotless, and a request's step changes nothing."""
+    """The shipped weights are slotless: they load so, and a request's step changes nothing."""
     assert not json.loads((load_pipeline.__globals__["WEIGHTS_DIR"] / "base" /
                            "model_index.json").read_text()).get("cell_slots", False)
     pipe = load_pipeline("base")
