@@ -200,6 +200,35 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4
 
 
+def test_progressive_student_samples_on_its_own_grid_through_its_own_gate(tmp_path):
+    """distill.final_sigma = 1/4: the student's saved scheduler samples FLUX's grid linspace(1, 1/4, 4) then 0,
+    and the last round trains on it. Its text-to-image x0 is composed through its own soft gate, as its sampler
+    composes it, so the x0 loss alone (gate BCE off) reaches the gate of every text-to-image row and of no edit
+    row (an edit is held to its first-step mask)."""
+    cfg = ci(tmp_path, "distill.method=progressive", "distill.gate_weight=0", "distill.final_sigma=0.25")
+    tr = distill.trainer(cfg, out=None)
+    grid = pretrain.sampler_sigmas(tr.pipe.scheduler.config, 4)
+    assert grid.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0] and torch.equal(tr.loss.grids[-1], grid)
+    assert pretrain.sampler_sigmas(tr.teacher.scheduler.config, 4)[3] < 0.01  # the base's grid is unchanged
+    gates = []
+    predict = tr.pipe.predict
+
+    def keep_gate(*args, **kw):
+        new, gate = predict(*args, **kw)
+        gate.retain_grad()
+        gates.append(gate)
+        return new, gate
+
+    tr.pipe.predict = keep_gate
+    rows = progressive_rows(cfg)
+    loss, _ = tr.loss(tr.engine, tr.pipe, rows)
+    loss.backward()
+    reached = gates[0].grad.abs().sum(1) > 0
+    edit = torch.from_numpy(rows.batch.edit)
+    assert edit.any() and (~edit).any()
+    assert torch.equal(reached, ~edit)
+
+
 def test_progressive_rounds_train_and_a_killed_run_resumes_exactly(tmp_path, die_at_step):
     """Two rounds of 2 steps (teacher at 16 steps + CFG, then the round-1 student's copy at 8 -> student at 4):
     the round-1 teacher is saved at the boundary and is the student as it was then; a run that dies in round 1
@@ -256,6 +285,9 @@ def test_distill_method_and_rounds_are_checked():
     for bad in ("[1,2]", "[4]", "[0,4]"):  # must sum to 4, one per round, each >= 1
         with pytest.raises(ConfigError, match="distill.round_steps"):
             load_config("ci", ["distill.rounds=2", f"distill.round_steps={bad}"])
+    for bad in ("1.0", "-0.1"):
+        with pytest.raises(ConfigError, match="distill.final_sigma"):
+            load_config("ci", [f"distill.final_sigma={bad}"])
     rel = load_config("release").distill  # the shipped student: progressive, 3 rounds
     assert (rel.method, rel.rounds) == ("progressive", 3) and load_config("ci").distill.method == "guidance"
 

@@ -312,9 +312,14 @@ class DistillCfg(DataMixCfg):
     # progressive only: each round's steps (summing to `steps`); [] = `steps` split evenly. Each round is its own
     # run of the lr schedule (warm-up, cosine)
     round_steps: list[int] = field(default_factory=list)
+    # The student's last sampling sigma, saved as its scheduler's `shift_terminal` (the grid is stretched to end
+    # there, then steps to 0). 0 = the base's grid, whose last of `nfe` steps sits at sigma 0.001 and so only
+    # reads off the picture; 1 / nfe = FLUX's grid linspace(1, 1/nfe, nfe): nfe steps that all denoise.
+    final_sigma: float = 0.0
 
     def check(self, name: str) -> None:
         check_data_mix(self, name)
+        need(0 <= self.final_sigma < 1, f"{name}.final_sigma", "in [0, 1) (0: the base's grid)", self.final_sigma)
         need(self.method in DISTILL_METHODS, f"{name}.method", f"one of {list(DISTILL_METHODS)}", self.method)
         need(1 <= self.rounds <= 6, f"{name}.rounds", "in 1..6", self.rounds)
         need(self.steps >= self.rounds, f"{name}.steps", f">= {name}.rounds ({self.rounds}: each round trains)",

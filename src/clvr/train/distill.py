@@ -23,12 +23,19 @@ Why this method: the model predicts x0, which is the parameterisation Salimans &
 two-step target is an x0, see `x0_target`), it needs only the frozen teacher (no EMA target network, unlike
 consistency distillation, Song et al. 2023, whose EMA state a resume would also have to restore) and two
 teacher evaluations per sample (4 with CFG, batched as 2), the cheapest of the multimodal-safe methods on CPU.
-The last round's student grid is the sampler's at `nfe` steps (`FlowMatchEulerDiscreteScheduler`), and each
-earlier round's grid is the next one with every interval split at its midpoint (`refine`), as in the paper's
-halving of a uniform grid: the teacher's two steps from s_i to s_{i+1} go through the midpoint, which are
-exactly the two steps the previous round's student was trained to take. The teacher's x0 is composed with its gate exactly as `WorldPipeline.sample` does (the grounded
-regions for grounded edits, its first gate > 0.5 for other edits, its soft gate for text-to-image); the
-student's x0, composed with the same mask, is matched to the target, and its gate to the teacher's.
+The last round's student grid is the student's own sampler grid at `nfe` steps: the teacher's
+`FlowMatchEulerDiscreteScheduler` config with `shift_terminal` = `distill.final_sigma`, saved as the student's
+scheduler. At 0 that is the base's grid, whose last of 4 steps sits at sigma 0.001 and only reads off the
+picture; at 1/nfe it is the FLUX grid (1, .75, .5, .25), every step doing work. Each earlier round's grid is the
+next one with every interval split at its midpoint (`refine`), as in the paper's halving of a uniform grid: the
+teacher's two steps from s_i to s_{i+1} go through the midpoint, which are exactly the two steps the previous
+round's student was trained to take. The teacher's x0 is composed with its gate exactly as `WorldPipeline.sample`
+does (the grounded regions for grounded edits, its first gate > 0.5 for other edits, its soft gate for
+text-to-image). The student's x0 is composed as its own sampler will compose it: an edit inside the teacher's
+edit mask, text-to-image through the student's own soft gate, so the x0 loss trains that gate as well. Its gate
+is also pulled (BCE) towards the teacher's: at x_t for an edit, at the midpoint for text-to-image (one teacher
+step more committed to where objects go; matching the gate at x_t left objects with a gate under 0.5, erased
+at the last step).
 At a round's first step rank 0 saves the student as `<out>/rounds/round-<r>/` (the next teacher), so a
 resume inside a later round reloads exactly the teacher it had.
 
@@ -69,6 +76,11 @@ def teacher_path(cfg: Config) -> str:
 def cell_tokens(pipe: WorldPipeline, b: Batch, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's target and reference canvases as the pipeline's image tokens (pixels, or cell latents)."""
     return pipe.encode_cells(tokens(b.x0, cell)), pipe.encode_cells(tokens(b.ref, cell))
+
+
+def student_scheduler(cfg: Config, teacher: WorldPipeline) -> dict:
+    """The student's scheduler config: the teacher's, its grid ending at `distill.final_sigma` (0: as is)."""
+    return {**teacher.scheduler.config, "shift_terminal": cfg.distill.final_sigma or None}
 
 
 class DistillLoss:
@@ -127,14 +139,14 @@ def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
 def two_teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
                       guidance: float, edit: torch.Tensor) -> dict[str, torch.Tensor]:
     """The teacher from sigma t to t_next in two Euler steps via the midpoint -> {x_next, x0 (the one-step
-    target), gate (the teacher's gate logits at x_t), mask (its composition mask at x_t)}."""
+    target), gate and gate_mid (the teacher's gate logits at x_t and at the midpoint), hard (the edits' mask)}."""
     mid = (t + t_next) / 2
     x0a, gate, hard = teacher_x0(tp, x_t, t, cond, guidance, edit, None)
     x_mid = euler(x_t, x0a, t, mid)
-    x0b, _, _ = teacher_x0(tp, x_mid, mid, cond, guidance, edit, hard)
+    x0b, gate_mid, _ = teacher_x0(tp, x_mid, mid, cond, guidance, edit, hard)
     x_next = euler(x_mid, x0b, mid, t_next)
-    mask = torch.where(edit[:, None], hard, torch.sigmoid(gate))
-    return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "mask": mask}
+    return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "gate_mid": gate_mid,
+            "hard": hard}
 
 
 def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
@@ -158,7 +170,7 @@ class ProgressiveLoss:
         d = cfg.distill
         self.cfg, self.base, self.out = cfg, teacher, out
         self.teacher, self.round = teacher, 0
-        self.grids = [sampler_sigmas(teacher.scheduler.config, d.nfe)]  # the last round's: the sampler's
+        self.grids = [sampler_sigmas(student_scheduler(cfg, teacher), d.nfe)]  # the last round's: the sampler's
         while len(self.grids) < d.rounds:
             self.grids.insert(0, refine(self.grids[0]))
         self.starts = round_starts(d.steps, d.rounds, d.round_steps)
@@ -217,11 +229,17 @@ class ProgressiveLoss:
                     tp.encode_text([""] * len(b.texts)) if w > 1 else None)
         tgt = two_teacher_steps(tp, x_t, t, t_next, cond, w, edit)
         new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
-        mask, ref_d = tgt["mask"].to(new.device, new.dtype), dev(ref).to(new.dtype)
-        x0_s = ref_d + mask[..., None] * (new - ref_d)  # the student's x0 as the sampler composes it
+        is_edit, ref_d = dev(edit)[:, None], dev(ref).to(new.dtype)
+        # the student's x0 as its sampler composes it: an edit inside its first-step mask (the teacher's here),
+        # text-to-image through its own soft gate, so the x0 loss trains that gate too
+        mask = torch.where(is_edit, tgt["hard"].to(new.device), torch.sigmoid(gate.float())).to(new.dtype)
+        x0_s = ref_d + mask[..., None] * (new - ref_d)
         wt = 1 + (d.changed_weight - 1) * torch.from_numpy(b.changed).to(new.device)
         loss_x = weighted_x0_loss(engine, x0_s, tgt["x0"].to(new.device), wt)
-        loss_g = F.binary_cross_entropy_with_logits(gate.float(), torch.sigmoid(tgt["gate"]).to(new.device))
+        # the gate's anchor: the teacher's at x_t for an edit (the mask it holds), for text-to-image its gate at
+        # the midpoint, one teacher step further committed to where the picture is going
+        gate_t = torch.sigmoid(torch.where(is_edit.cpu(), tgt["gate"], tgt["gate_mid"])).to(new.device)
+        loss_g = F.binary_cross_entropy_with_logits(gate.float(), gate_t)
         return loss_x + d.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item(),
                                                  "round": float(self.round)}
 
@@ -232,13 +250,12 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
     d = cfg.distill
     teacher = load_pipeline(teacher_path(cfg))
     teacher.transformer.requires_grad_(False), teacher.text_encoder.requires_grad_(False)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(teacher.scheduler.config)
-    sched.set_timesteps(d.nfe)
-    sigmas = sched.sigmas[:-1].float()  # the student's sampling sigmas, e.g. 1, .75, .5, .25
+    sigmas = sampler_sigmas(student_scheduler(cfg, teacher), d.nfe)[:-1]  # the student's sampling sigmas
 
     def build(resume: Path | None) -> WorldPipeline:
         student = load_pipeline(resume / "model" if resume else teacher_path(cfg))
         student.register_to_config(default_steps=d.nfe, default_guidance=1.0)
+        student.scheduler = FlowMatchEulerDiscreteScheduler.from_config(student_scheduler(cfg, teacher))
         return student
 
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
