@@ -1,7 +1,7 @@
 """Distill the base into a `nfe`-step student without CFG (`clvr world distill`), by one of two methods
 (`distill.method`).
 
-`guidance` (the default; the shipped `distilled` was made with it): guidance distillation at the student's own
+`guidance` (the schema default; the ci profile's): guidance distillation at the student's own
 timesteps (Meng et al. 2023, "On distillation of guided diffusion models", stage 1, restricted to the `nfe`
 sigmas the student will sample at). The student learns to output, in one evaluation without CFG, the teacher's
 guided x0 prediction x0_u + w (x0_c - x0_u) and the teacher's gate, at x_t drawn from the forward process at
@@ -238,7 +238,7 @@ class ProgressiveLoss:
         loss_x = weighted_x0_loss(engine, x0_s, tgt["x0"].to(new.device), wt)
         # the gate's anchor: the teacher's at x_t for an edit (the mask it holds), for text-to-image its gate at
         # the midpoint, one teacher step further committed to where the picture is going
-        gate_t = torch.sigmoid(torch.where(is_edit.cpu(), tgt["gate"], tgt["gate_mid"])).to(new.device)
+        gate_t = torch.sigmoid(torch.where(edit[:, None], tgt["gate"], tgt["gate_mid"])).to(new.device)
         loss_g = F.binary_cross_entropy_with_logits(gate.float(), gate_t)
         return loss_x + d.gate_weight * loss_g, {"loss_x0": loss_x.item(), "loss_gate": loss_g.item(),
                                                  "round": float(self.round)}
@@ -250,12 +250,12 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
     d = cfg.distill
     teacher = load_pipeline(teacher_path(cfg))
     teacher.transformer.requires_grad_(False), teacher.text_encoder.requires_grad_(False)
-    sigmas = sampler_sigmas(student_scheduler(cfg, teacher), d.nfe)[:-1]  # the student's sampling sigmas
+    sched = student_scheduler(cfg, teacher)
 
     def build(resume: Path | None) -> WorldPipeline:
         student = load_pipeline(resume / "model" if resume else teacher_path(cfg))
         student.register_to_config(default_steps=d.nfe, default_guidance=1.0)
-        student.scheduler = FlowMatchEulerDiscreteScheduler.from_config(student_scheduler(cfg, teacher))
+        student.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched)
         return student
 
     def evaluate(pipe: WorldPipeline) -> dict[str, float]:
@@ -263,7 +263,10 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
 
         return quick_eval(pipe, d.eval_trials, d.nfe, 1.0, EVAL_TIERS, appearance=cfg.world.appearance)
 
-    loss = ProgressiveLoss(cfg, teacher, out) if d.method == "progressive" else DistillLoss(cfg, teacher, sigmas)
+    if d.method == "progressive":
+        loss = ProgressiveLoss(cfg, teacher, out)
+    else:  # at the student's sampling sigmas, e.g. 1, .75, .5, .25
+        loss = DistillLoss(cfg, teacher, sampler_sigmas(sched, d.nfe)[:-1])
     tr = Trainer("distill", cfg, d, build, loss, evaluate, out, text_dropout=0.0)
     if tr.engine.device.name != "cpu":  # the frozen teacher (fp32) sits beside the student on this rank's GPU
         teacher.to(tr.engine.ds.device)
