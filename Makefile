@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml requirements.lock
 run: setup
 	$(VENV)/bin/clvr pipeline run --profile cpu
 
+# Two workers, whole files each (--dist loadfile): a file's module-scoped fixtures (the pipeline runs) run once;
+# files in collection order (tests/conftest.py puts the longest, test_pipeline.py, first), not xdist's by size.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # The shipped generator weights (src/clvr/weights/{base,distilled}), from scratch on CPU: the foundation flow on
 # conf/release.yaml, on the varied world: the cell autoencoder, pretrain on its latents, the move-heavy fine-tune,

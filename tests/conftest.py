@@ -9,6 +9,12 @@ import pytest
 from clvr.train import loop
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """The pipeline tests first: their file is the longest (about 7 min, shared fixtures), so under
+    `-n 2 --dist loadfile` (`make test`) one worker starts it while the other takes every other file."""
+    items.sort(key=lambda item: item.path.name != "test_pipeline.py")
+
+
 @pytest.fixture
 def die_at_step(monkeypatch):
     """`die_at_step(run, cfg, step)`: run a trainer (`run(cfg)`) that dies with KeyboardInterrupt when it starts

@@ -304,9 +304,9 @@ class DistillCfg(DataMixCfg):
     guidance: float = 2.0
     ckpt_every: int = 250
     seed: int = 0
-    # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the shipped recipe);
+    # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the ci profile's);
     # progressive: one student step = two teacher steps, in `rounds` halving rounds (Salimans & Ho 2022), for a
-    # multimodal target (the varied world). See clvr.train.distill.
+    # multimodal target (the varied world; the cpu and release profiles', the shipped student). See clvr.train.distill.
     method: str = "guidance"
     rounds: int = 1  # progressive only: the first teacher samples at nfe * 2**rounds steps (+ CFG `guidance`)
     # progressive only: each round's steps (summing to `steps`); [] = `steps` split evenly. Each round is its own

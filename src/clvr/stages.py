@@ -20,6 +20,7 @@ reads that same file, so what DVC tracks is exactly what runs.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import json
 import os
@@ -62,7 +63,8 @@ def module_path(name: str) -> Path | None:
     return None
 
 
-def _imported_names(path: Path) -> set[str]:
+@functools.cache  # the registry asks for most files once per stage: parse each once per process
+def _imported_names(path: Path) -> frozenset[str]:
     """Every clvr module a file imports, at module level or inside a function (lazy imports included), and
     every "clvr.x.y[:fn]" string it names (registries that import by name)."""
     pkg = ".".join(["clvr", *path.relative_to(PKG).with_suffix("").parts])
@@ -84,7 +86,7 @@ def _imported_names(path: Path) -> set[str]:
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and _CLVR_NAME.match(node.value)
               and path != Path(__file__).resolve()):  # this registry names every stage: not an import
             names.add(node.value.split(":")[0])
-    return {n for n in names if n == "clvr" or n.startswith("clvr.")}
+    return frozenset(n for n in names if n == "clvr" or n.startswith("clvr."))
 
 
 def import_closure(*modules: str) -> set[Path]:
