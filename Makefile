@@ -29,8 +29,10 @@ run: setup
 
 # Two workers, whole files each (--dist loadfile): a file's module-scoped fixtures (the pipeline runs) run once;
 # files in collection order (tests/conftest.py puts the longest, test_pipeline.py, first), not xdist's by size.
+# One OpenMP thread per process: with torch's default (a thread per core) each worker's processes spin on both
+# cores, and a pipeline stage beside a 2-rank training test ran 7x slower.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=15
 
 # The shipped generator weights (src/clvr/weights/{base,distilled}), from scratch on CPU: the foundation flow on
 # conf/release.yaml, on the varied world: the cell autoencoder, pretrain on its latents, the move-heavy fine-tune,
