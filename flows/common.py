@@ -3,7 +3,7 @@ one MLflow parent run tagged with the flow's name, each of the flow's registry s
 registration (when the flow evaluates) and the run's git commit and tag.
 
 DVC owns the stage graph and versions (one dvc.yaml with every stage of both flows, one dvc.lock), Prefect when
-and where (the flows, retries, schedules), MLflow what happened (one parent run per flow run, a nested run per
+and where (the flows, retries, schedules, independent stages at the same time), MLflow what happened (one parent run per flow run, a nested run per
 stage attempt). `pipeline.flow` in params.yaml records which flow the run was, for `clvr reproduce`.
 """
 
@@ -14,9 +14,11 @@ import datetime as dt
 import os
 from pathlib import Path
 
+from prefect.futures import PrefectFuture, wait
+
 from clvr.config import Config, flat_params
 from clvr.errors import ClvrError
-from clvr.stages import PARAMS_FILE, Stage, dvc_yaml, flow_config, flow_stages, write_params
+from clvr.stages import PARAMS_FILE, Stage, dvc_yaml, flow_config, flow_stages, upstream, write_params
 from tasks import dvc, tracking
 from tasks.lock import pipeline_lock
 from tasks.pipeline import finish_task, register_task, stage_task
@@ -79,9 +81,7 @@ def _run(root_p: Path, cfg: Config, flow: str, profile: str, overrides: list[str
     tracking.log_params(client, parent, flat_params(cfg))
     client.log_artifact(parent, str(root_p / PARAMS_FILE), "config")
     try:
-        run_stage = stage_task.with_options(retries=cfg.pipeline.retries,
-                                            retry_delay_seconds=cfg.pipeline.retry_delay_s)
-        results = [run_stage(s.name, str(root_p), parent, exp) for s in selected]
+        results = _run_stages(root_p, cfg, selected, parent, exp)
         for r in results:
             tracking.log_metrics(client, parent, {f"{r['stage']}/{k}": v for k, v in r["metrics"].items()})
         ev = next((r for r in results if r["stage"] == "evaluate"), None)
@@ -99,3 +99,24 @@ def _run(root_p: Path, cfg: Config, flow: str, profile: str, overrides: list[str
     return {"flow": flow, "profile": profile, "root": str(root_p), "mlflow_run_id": parent, "experiment_id": exp,
             "tracking_uri": client.tracking_uri, "flow_run_id": flow_run_id(), "stages": results,
             "registry": registry, **fin}
+
+
+def _run_stages(root_p: Path, cfg: Config, selected: list[Stage], parent: str, exp: str) -> list[dict]:
+    """Each stage as a Prefect task, started once the stages it reads from are done (`upstream`): stages that read
+    nothing of each other run at the same time (the retrain flow's controller_sft and sft, one core each). Their
+    results in registry order; the first failure in that order is raised once every started stage has ended.
+
+    A signal reaches only this (main) thread: on one, the stage commands running in worker threads are stopped
+    (`dvc.stopping`) before it propagates, as a single stage's command is in `dvc.stream`."""
+    run_stage = stage_task.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delay_s)
+    futures: dict[str, PrefectFuture] = {}
+    for s in selected:
+        futures[s.name] = run_stage.submit(s.name, str(root_p), parent, exp,
+                                           wait_for=[futures[u.name] for u in upstream(s, selected)])
+    try:
+        wait(list(futures.values()))
+    except BaseException:
+        with dvc.stopping():
+            wait(list(futures.values()), timeout=60)
+        raise
+    return [futures[s.name].result() for s in selected]

@@ -6,6 +6,7 @@ Every command gets `project_env(root)`: this interpreter's bin/ first on PATH (s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,8 +14,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import yaml
 
@@ -28,6 +30,10 @@ class StageFailed(RuntimeError):
 
 class StageBadInput(ClvrError):
     """A stage command rejected its input (`clvr stage` exits 2): a retry would fail the same way."""
+
+
+class StageInterrupted(RuntimeError):
+    """A stage command stopped because the flow was interrupted (`stop_running`): not retried."""
 
 
 def project_env(root: Path) -> dict[str, str]:
@@ -62,9 +68,7 @@ def stream(cmd: list[str], root: Path, log_path: Path, on_line: Callable[[str], 
     # whole tree (dvc and the stage process it starts) instead of leaving it running without a parent. It
     # inherits the pipeline lock, if this process holds it (tasks/lock.py).
     lock_fd = held_fd(root)
-    with open(log_path, "ab") as log, subprocess.Popen(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE,
-                                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                                      pass_fds=() if lock_fd is None else (lock_fd,)) as p:
+    with open(log_path, "ab") as log, _started(cmd, root, lock_fd) as p:
         try:
             buf = b""
             while chunk := p.stdout.read1(4096):
@@ -82,9 +86,47 @@ def stream(cmd: list[str], root: Path, log_path: Path, on_line: Callable[[str], 
         except BaseException:
             stop_group(p)
             raise
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(p)
     if buf.strip():
         text.append(buf.decode(errors="replace").strip())
     return rc, "\n".join(text)
+
+
+# The long commands running now, from any thread of this process (a flow runs independent stages at once, each
+# in a Prefect worker thread). A signal reaches only the main thread: `stop_running` stops the others' commands.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def _started(cmd: list[str], root: Path, lock_fd: int | None) -> subprocess.Popen:
+    with _RUNNING_LOCK:
+        if _STOPPING.is_set():
+            raise StageInterrupted(f"not started, the flow is stopping: {' '.join(cmd[2:])}")
+        p = subprocess.Popen(cmd, cwd=root, env=project_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True, pass_fds=() if lock_fd is None else (lock_fd,))
+        _RUNNING.add(p)
+        return p
+
+
+@contextlib.contextmanager
+def stopping() -> Iterator[None]:
+    """Stop every long command this process is running (`stream`, in any thread), and start none until the block
+    ends: for an interrupted flow, whose stages run in worker threads that no signal reaches."""
+    _STOPPING.set()
+    try:
+        with _RUNNING_LOCK:
+            running = list(_RUNNING)
+        stoppers = [threading.Thread(target=stop_group, args=(p,)) for p in running]
+        for t in stoppers:
+            t.start()
+        for t in stoppers:
+            t.join()
+        yield
+    finally:
+        _STOPPING.clear()
 
 
 def stop_group(p: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -104,7 +146,10 @@ def stop_group(p: subprocess.Popen, grace_s: float = 10.0) -> None:
 def repro(root: Path, stage: str, log_path: Path, on_line: Callable[[str], None] | None = None) -> str:
     """`dvc repro --single-item STAGE`: DVC decides whether the stage is up to date. Returns
     "ran", "skipped" (up to date) or "restored" (DVC's run cache had these exact deps and params)."""
-    rc, out = stream(dvc_cmd("repro", "--single-item", stage), root, log_path, on_line)
+    # --wait-for-lock: stages running at once each take DVC's repo lock briefly (to start, and to write dvc.lock)
+    rc, out = stream(dvc_cmd("--wait-for-lock", "repro", "--single-item", stage), root, log_path, on_line)
+    if rc != 0 and _STOPPING.is_set():
+        raise StageInterrupted(f"stage '{stage}' stopped: the flow was interrupted (log: {log_path})")
     if rc != 0:
         tail = "\n".join(out.splitlines()[-15:])
         if re.search(r"exited with 2\b", out):

@@ -4,12 +4,15 @@ in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflo
 First the `foundation` flow runs (vae, pretrain, finetune, distill, ship into a temporary weights folder, never into
 src/clvr/weights); then one `retrain` flow run, on the shipped weights, is shared by most assertions. In it, sft
 is given 12 steps (checkpoints at 4, 8, 12) and its process is killed with SIGKILL once the first checkpoint
-exists: the Prefect task retries, the stage resumes from its checkpoint, and the run still completes."""
+exists: the Prefect task retries, the stage resumes from its checkpoint, and the run still completes. controller_sft
+and sft run at the same time (both read only synthesize's data); Ctrl-C stops both."""
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -184,6 +187,11 @@ def test_run_records_parent_and_stage_runs(run1, mlflow_client):
         assert r.info.status == "FINISHED" and r.data.tags["dvc.status"] == "ran", name
         assert r.data.params["sft.steps"] == "12" and r.data.params["profile"] == "ci"
         assert r.data.params["pipeline.flow"] == "retrain" and r.data.params["sft.init"] == "base"
+    first = {r.data.tags["stage"]: r.info for r in reversed(attempts(c, parent.info.run_id))}  # each one's 1st attempt
+    cs, sf = first["controller_sft"], first["sft"]  # both read only synthesize's data: they run at the same time
+    assert cs.start_time < sf.end_time and sf.start_time < cs.end_time
+    assert first["evaluate"].start_time >= max(runs["controller_sft"].info.end_time, runs["sft"].info.end_time)
+    assert min(cs.start_time, sf.start_time) >= runs["synthesize"].info.end_time
     sft = runs["sft"]
     sft_result = next(s for s in res["stages"] if s["stage"] == "sft")
     assert sft.data.metrics["train_loss"] == pytest.approx(sft_result["metrics"]["train_loss"])
@@ -346,3 +354,55 @@ def test_bad_input_is_a_clear_error(run1):
         p = clvr(root, *args)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_ctrl_c_stops_every_stage_running_at_once(run1, tmp_path):
+    """Ctrl-C (SIGINT to the CLI's process group, as a terminal sends it) while controller_sft and sft run at the
+    same time, each in a Prefect worker thread that no signal reaches and in its own process group: both stage
+    commands are stopped, the CLI exits, and the pipeline lock is free. In a copy of run1's project (synthesize up
+    to date), with a fresh MLflow store."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.lock import check_free
+
+    root = tmp_path / "project"
+    shutil.copytree(run1[0], root, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    env["PYTHONFAULTHANDLER"] = "1"
+    args = ["pipeline", "run", "--profile", "ci", "--stage", "controller_sft", "--stage", "sft",
+            "--set", "controller_sft.steps=5000", "--set", "sft.steps=5000"]
+    log = tmp_path / "cli.log"
+    # Started with SIGINT handled, as from a terminal: under a shell's background job (`nohup make test &`) this
+    # process ignores SIGINT, and a child would inherit that.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with open(log, "w") as f:
+            cli = subprocess.Popen([sys.executable, "-m", "clvr", *args], cwd=root, stdout=f, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    stages: dict[str, psutil.Process] = {}
+    t0 = time.monotonic()
+    while len(stages) < 2 and cli.poll() is None and time.monotonic() - t0 < 240:
+        for proc in psutil.Process(cli.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                cmd = proc.cmdline()
+                if "stage" in cmd and cmd[-3] in ("controller_sft", "sft"):  # clvr stage NAME --params params.yaml
+                    stages[cmd[-3]] = proc
+        time.sleep(0.2)
+    assert sorted(stages) == ["controller_sft", "sft"], log.read_text()[-3000:]
+    os.killpg(cli.pid, signal.SIGINT)
+    try:
+        rc = cli.wait(60)
+    except subprocess.TimeoutExpired:
+        os.kill(cli.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack into the log
+        time.sleep(2)
+        os.killpg(cli.pid, signal.SIGKILL)
+        pytest.fail("the CLI did not exit within 60 s of Ctrl-C:\n" + log.read_text()[-12000:])
+    text = log.read_text()
+    assert rc != 0 and "Traceback" not in text, text[-3000:]
+    assert "stage 'sft' stopped: the flow was interrupted" in text, text[-3000:]
+    gone, alive = psutil.wait_procs(list(stages.values()), timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    check_free(root)  # no process holds the project's pipeline lock any more

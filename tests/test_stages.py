@@ -19,7 +19,7 @@ from PIL import Image
 
 from clvr.config import FLOWS, Config, load_config
 from clvr.errors import CheckpointError, ClvrError, ConfigError
-from clvr.stages import STAGES, dvc_yaml, flow_stages, get_stage, prepare_resume, resolve, run_stage
+from clvr.stages import STAGES, dvc_yaml, flow_stages, get_stage, prepare_resume, resolve, run_stage, upstream
 
 ROOT = Path(__file__).resolve().parents[1]
 CLVR = [sys.executable, "-m", "clvr"]
@@ -81,6 +81,20 @@ def test_two_flows_over_one_registry():
         assert ("src/clvr/weights" in s.deps) == uses_weights, s.name
     assert get_stage("ship").outs == () and "weights" in get_stage("evaluate").params
     assert [s.name for s in flow_stages("retrain", ["evaluate", "sft"])] == ["sft", "evaluate"]  # registry order
+
+
+def test_stage_graph_from_the_registry():
+    """Each stage runs after the stages whose outputs it reads; controller_sft and sft read only synthesize's data
+    set, so a flow runs them at the same time."""
+    def graph(flow, only=None):
+        stages = flow_stages(flow, only)
+        return {s.name: [u.name for u in upstream(s, stages)] for s in stages}
+
+    assert graph("retrain") == {"synthesize": [], "controller_sft": ["synthesize"], "sft": ["synthesize"],
+                                "evaluate": ["controller_sft", "sft"]}
+    assert graph("foundation") == {"vae": [], "pretrain": ["vae"], "finetune": ["pretrain"], "distill": ["finetune"],
+                                   "ship": ["finetune", "distill"]}
+    assert graph("retrain", ["sft", "evaluate"]) == {"sft": [], "evaluate": ["sft"]}  # only the stages selected
 
 
 def test_unknown_flow_or_a_stage_of_the_other_flow_is_a_clear_error():

@@ -233,6 +233,12 @@ def flow_stages(flow: str, only: list[str] | None = None) -> list[Stage]:
     return [s for s in STAGES if s.flow == flow and (not only or s.name in only)]
 
 
+def upstream(stage: Stage, among: list[Stage]) -> list[Stage]:
+    """The stages of `among` whose outputs `stage` reads (a dep under their `{section.out}`): DVC's graph, for
+    running each stage once those are done and stages that read nothing of each other at the same time."""
+    return [s for s in among if s is not stage and any(d.startswith(f"{{{s.section}.out}}/") for d in stage.deps)]
+
+
 def flow_config(flow: str, profile: str, overrides: list[str] | None) -> Config:
     """A flow run's config: the profile and overrides, with `pipeline.flow` = `flow` (params.yaml records it for
     `clvr reproduce`); the flow is chosen by the run, never by an override."""
