@@ -33,7 +33,7 @@ class StageBadInput(ClvrError):
 
 
 class StageInterrupted(RuntimeError):
-    """A stage command stopped because the flow was interrupted (`stop_running`): not retried."""
+    """A stage command stopped because the flow was interrupted (`stopping`): not retried."""
 
 
 def project_env(root: Path) -> dict[str, str]:
@@ -95,7 +95,7 @@ def stream(cmd: list[str], root: Path, log_path: Path, on_line: Callable[[str], 
 
 
 # The long commands running now, from any thread of this process (a flow runs independent stages at once, each
-# in a Prefect worker thread). A signal reaches only the main thread: `stop_running` stops the others' commands.
+# in a Prefect worker thread). A signal reaches only the main thread: `stopping` stops the others' commands.
 _RUNNING: set[subprocess.Popen] = set()
 _RUNNING_LOCK = threading.Lock()
 _STOPPING = threading.Event()
