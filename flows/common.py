@@ -3,8 +3,9 @@ one MLflow parent run tagged with the flow's name, each of the flow's registry s
 registration (when the flow evaluates) and the run's git commit and tag.
 
 DVC owns the stage graph and versions (one dvc.yaml with every stage of both flows, one dvc.lock), Prefect when
-and where (the flows, retries, schedules, independent stages at the same time), MLflow what happened (one parent run per flow run, a nested run per
-stage attempt). `pipeline.flow` in params.yaml records which flow the run was, for `clvr reproduce`.
+and where (the flows, retries, schedules, independent stages at the same time), MLflow what happened (one parent
+run per flow run, a nested run per stage attempt). `pipeline.flow` in params.yaml records which flow the run was,
+for `clvr reproduce`.
 """
 
 from __future__ import annotations
