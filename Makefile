@@ -37,7 +37,8 @@ test: setup
 # The shipped generator weights (src/clvr/weights/{base,distilled}), from scratch on CPU: the foundation flow on
 # conf/release.yaml, on the varied world: the cell autoencoder, pretrain on its latents, the move-heavy fine-tune,
 # progressive distillation of the fine-tuned base to 4 NFE, then `ship` re-saves the fine-tune as base and the
-# student as distilled into the package, keeping the model cards. See the model cards for each part's time.
+# student as distilled into the package, keeping the model cards. See the model cards for each part's time. The
+# shipped distilled had two more phases after this one, run by hand (its model card); this makes the first part.
 weights: setup
 	$(VENV)/bin/clvr pipeline run --flow foundation --profile release
 

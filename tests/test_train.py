@@ -164,7 +164,7 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     x_t = 0.5 * x0 + 0.5 * torch.randn(x0.shape, generator=g)
     t, t_next = torch.full((8,), 0.5), torch.zeros(8)
     cond = Cond(ref, region, tp.encode_text(b.texts))
-    out = distill.two_teacher_steps(tp, x_t, t, t_next, cond, 1.0, edit)
+    out = distill.teacher_steps(tp, x_t, t, t_next, cond, 1.0, edit)
     with torch.no_grad():  # by hand: step a at t, step b at the midpoint 0.25, with the sampler's masks
         new_a, gate_a = tp.predict(x_t, t, cond)
         grounded = (edit & (region.sum(1) > 0))[:, None]
@@ -180,7 +180,7 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     assert (x0_b - x0_a).abs().max() > 1e-3  # two steps differ from one: the check could fail
     # an inner interval: one student Euler step with the target lands on the teacher's two-step result
     t2, t2n = torch.full((8,), 0.75), torch.full((8,), 0.5)
-    inner = distill.two_teacher_steps(tp, x_t, t2, t2n, cond, 1.0, edit)
+    inner = distill.teacher_steps(tp, x_t, t2, t2n, cond, 1.0, edit)
     torch.testing.assert_close(distill.euler(x_t, inner["x0"], t2, t2n), inner["x_next"], rtol=0, atol=1e-5)
     # nested grids: round r's student grid is round r+1's with every interval halved, so the teacher's two steps
     # are the previous student's own; the last round samples on the sampler's nfe-step grid
@@ -197,7 +197,21 @@ def test_progressive_target_is_two_teacher_steps_in_one(tmp_path):
     assert [own.schedule(s) for s in range(4)] == [(0, 1), (0, 3), (1, 3), (2, 3)]
     # with CFG the teacher's x0 is the guided one (w = 3 differs from w = 1)
     cond_u = Cond(ref, region, cond.text, tp.encode_text([""] * 8))
-    assert (distill.two_teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)["x0"] - out["x0"]).abs().max() > 1e-4
+    guided = distill.teacher_steps(tp, x_t, t, t_next, cond_u, 3.0, edit)
+    assert (guided["x0"] - out["x0"]).abs().max() > 1e-4
+    # one CFG scale per row (distill.edit_guidance): 3 on the edits, 1 on text-to-image, as each alone
+    per_row = distill.teacher_steps(tp, x_t, t, t_next, cond_u, torch.where(edit, 3.0, 1.0), edit)
+    torch.testing.assert_close(per_row["x0"][edit], guided["x0"][edit], rtol=0, atol=1e-5)
+    torch.testing.assert_close(per_row["x0"][~edit], out["x0"][~edit], rtol=0, atol=1e-5)
+    # k teacher steps per student step (distill.substeps): 4 steps from .75 to .5 start as 2 steps from .75 to
+    # .625 (same gate, same mask) and land elsewhere than 2; grids split every interval into k
+    four = distill.teacher_steps(tp, x_t, t2, t2n, cond, 1.0, edit, 4)
+    h1 = distill.teacher_steps(tp, x_t, t2, torch.full((8,), 0.625), cond, 1.0, edit)
+    assert torch.equal(h1["gate"], four["gate"]) and torch.equal(h1["hard"], four["hard"])
+    assert (four["x_next"] - inner["x_next"]).abs().max() > 1e-4  # finer steps land elsewhere: could fail
+    torch.testing.assert_close(distill.euler(x_t, four["x0"], t2, t2n), four["x_next"], rtol=0, atol=1e-5)
+    quads = distill.ProgressiveLoss(ci(tmp_path, "distill.rounds=2", "distill.substeps=4"), tp, None).grids
+    assert [len(g) for g in quads] == [17, 5] and torch.allclose(quads[0][::4], quads[1])
 
 
 def test_progressive_student_samples_on_its_own_grid_through_its_own_gate(tmp_path):
@@ -275,6 +289,21 @@ def test_base_trained_at_4_steps_draws_t_only_at_the_sampler_sigmas(tmp_path):
     assert pretrain.PretrainLoss(ci(tmp_path)).t_of(tr.pipe) is pretrain.logit_normal_t
 
 
+def test_distill_init_starts_the_student_from_other_weights(tmp_path):
+    """distill.init: the student starts from that model, the teacher stays the teacher; a bad folder is a
+    one-line error naming the key, before anything loads."""
+    pre = tmp_path / "pre"
+    pretrain.run(ci(pre))
+    first = sorted((pre / "pre" / "checkpoints").iterdir())[0] / "model"
+    teacher = f"distill.teacher={pre / 'pre' / 'final'}"
+    tr = distill.trainer(ci(tmp_path, teacher, f"distill.init={first}"), out=None)
+    student = {f"t.{k}": v for k, v in tr.pipe.transformer.state_dict().items()}
+    assert max_diff({k: v for k, v in weights(first).items() if k.startswith("t.")}, student) == 0.0
+    assert max_diff({k: v for k, v in weights(pre / "pre" / "final").items() if k.startswith("t.")}, student) > 0
+    with pytest.raises(CheckpointError, match="distill.init: no generator checkpoint at '/nowhere'"):
+        distill.trainer(ci(tmp_path, teacher, "distill.init=/nowhere"), out=None)
+
+
 def test_distill_method_and_rounds_are_checked():
     with pytest.raises(ConfigError, match="distill.method"):
         load_config("ci", ["distill.method=reflow"])
@@ -285,6 +314,10 @@ def test_distill_method_and_rounds_are_checked():
     for bad in ("[1,2]", "[4]", "[0,4]"):  # must sum to 4, one per round, each >= 1
         with pytest.raises(ConfigError, match="distill.round_steps"):
             load_config("ci", ["distill.rounds=2", f"distill.round_steps={bad}"])
+    with pytest.raises(ConfigError, match="distill.edit_guidance"):
+        load_config("ci", ["distill.edit_guidance=-1"])
+    with pytest.raises(ConfigError, match="distill.substeps"):
+        load_config("ci", ["distill.substeps=1"])
     for bad in ("1.0", "-0.1"):
         with pytest.raises(ConfigError, match="distill.final_sigma"):
             load_config("ci", [f"distill.final_sigma={bad}"])

@@ -291,6 +291,7 @@ DISTILL_METHODS = ("guidance", "progressive")
 class DistillCfg(DataMixCfg):
     out: str = "runs/distill"
     teacher: str = ""  # "" = <finetune.out>/final, else <pretrain.out>/final if present, else the shipped base; or a folder
+    init: str = ""  # the student's starting weights: "" = the teacher; or a model folder or shipped name
     steps: int = 1000
     batch_size: int = 128
     lr: float = 5e-4
@@ -302,16 +303,20 @@ class DistillCfg(DataMixCfg):
     nfe: int = 4
     teacher_steps: int = 28
     guidance: float = 2.0
+    edit_guidance: float = 0.0  # progressive only: the first teacher's CFG on edits (0 = `guidance`)
     ckpt_every: int = 250
     seed: int = 0
     # guidance: the guided teacher's x0 at the student's sigmas (Meng et al. 2023; the ci profile's);
     # progressive: one student step = two teacher steps, in `rounds` halving rounds (Salimans & Ho 2022), for a
     # multimodal target (the varied world; the cpu and release profiles', the shipped student). See clvr.train.distill.
     method: str = "guidance"
-    rounds: int = 1  # progressive only: the first teacher samples at nfe * 2**rounds steps (+ CFG `guidance`)
+    rounds: int = 1  # progressive only: the first teacher samples at nfe * substeps**rounds steps (+ CFG `guidance`)
     # progressive only: each round's steps (summing to `steps`); [] = `steps` split evenly. Each round is its own
     # run of the lr schedule (warm-up, cosine)
     round_steps: list[int] = field(default_factory=list)
+    # progressive only: the teacher's Euler steps per student step (2: the paper's halving; k with rounds=1: the
+    # base's guided trajectory at nfe * k steps, learned in one phase as in TRACT, Berthelot et al. 2023)
+    substeps: int = 2
     # The student's last sampling sigma, saved as its scheduler's `shift_terminal` (the grid is stretched to end
     # there, then steps to 0). 0 = the base's grid, whose last of `nfe` steps sits at sigma 0.001 and so only
     # reads off the picture; 1 / nfe = FLUX's grid linspace(1, 1/nfe, nfe): nfe steps that all denoise.
@@ -328,7 +333,8 @@ class DistillCfg(DataMixCfg):
         need(not r or (len(r) == self.rounds and min(r) >= 1 and sum(r) == self.steps), f"{name}.round_steps",
              f"[] or {self.rounds} (= {name}.rounds) steps >= 1 summing to {name}.steps ({self.steps})", list(r))
         need_all(self, name, "nfe teacher_steps", at_least(1), ">= 1")
-        need(at_least(0)(self.guidance), f"{name}.guidance", ">= 0", self.guidance)
+        need(2 <= self.substeps <= 64, f"{name}.substeps", "in 2..64", self.substeps)
+        need_all(self, name, "guidance edit_guidance", at_least(0), ">= 0")
 
 
 SFT_MODES = ("lora", "full")

@@ -222,15 +222,18 @@ class WorldPipeline(DiffusionPipeline):
                                return_dict=False)[0][:, : x_t.shape[1]].to(x_t)
         return cond.ref.to(x_t) + out[..., : self.feat], out[..., self.feat]
 
-    def guided_predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float,
+    def guided_predict(self, x_t: torch.Tensor, sigma: torch.Tensor, cond: Cond, guidance: float | torch.Tensor,
                        pair: Cond | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`predict` with classifier-free guidance when guidance > 1: x0_u + w (x0_c - x0_u), the cond branch's
-        gate. `pair`: cond.cfg_pair(), passed by a caller that builds it once for many steps."""
-        if guidance <= 1.0:
+        gate. `guidance`: one scale, or (B,) one per sample. `pair`: cond.cfg_pair(), passed by a caller that
+        builds it once for many steps."""
+        per_row = isinstance(guidance, torch.Tensor)
+        if bool((guidance <= 1.0).all()) if per_row else guidance <= 1.0:
             return self.predict(x_t, sigma, cond)
         both, gates = self.predict(x_t.repeat(2, 1, 1), sigma.repeat(2), pair or cond.cfg_pair())
         (new, new_u), gate = both.chunk(2), gates[: len(x_t)]
-        return new_u + guidance * (new - new_u), gate
+        w = guidance.to(new.dtype)[:, None, None] if per_row else guidance
+        return new_u + w * (new - new_u), gate
 
     # ---- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()

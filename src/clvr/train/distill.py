@@ -36,6 +36,13 @@ edit mask, text-to-image through the student's own soft gate, so the x0 loss tra
 is also pulled (BCE) towards the teacher's: at x_t for an edit, at the midpoint for text-to-image (one teacher
 step more committed to where objects go; matching the gate at x_t left objects with a gate under 0.5, erased
 at the last step).
+`distill.substeps` = k generalises the halving: one student step is k teacher steps, and each earlier round's
+grid splits every interval into k. With one round the target is the base's own guided trajectory at nfe * k
+steps, learned in one phase as in TRACT (Berthelot et al. 2023, "TRACT: denoising diffusion models with
+transitive closure time-distillation"), not through students in a row, each passing its error on to the next;
+it costs k teacher evaluations per sample. `distill.init` starts the student from other weights than the
+teacher's (e.g. an earlier student), `distill.edit_guidance` gives the first teacher another CFG scale on edits
+(a scale that helps text-to-image can hurt recolors; see the distilled model card).
 At a round's first step rank 0 saves the student as `<out>/rounds/round-<r>/` (the next teacher), so a
 resume inside a later round reloads exactly the teacher it had.
 
@@ -122,7 +129,7 @@ def x0_target(x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, x_next: 
 
 
 @torch.no_grad()
-def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float,
+def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float | torch.Tensor,
                edit: torch.Tensor, hard: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's composed x0 at (x, t) as its sampler forms it -> (x0, gate logits, hard mask). `hard`:
     the edits' mask from the first step (None: this is the first step; grounded edits use their regions)."""
@@ -136,17 +143,20 @@ def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
 
 
 @torch.no_grad()
-def two_teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
-                      guidance: float, edit: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The teacher from sigma t to t_next in two Euler steps via the midpoint -> {x_next, x0 (the one-step
-    target), gate and gate_mid (the teacher's gate logits at x_t and at the midpoint), hard (the edits' mask)}."""
-    mid = (t + t_next) / 2
-    x0a, gate, hard = teacher_x0(tp, x_t, t, cond, guidance, edit, None)
-    x_mid = euler(x_t, x0a, t, mid)
-    x0b, gate_mid, _ = teacher_x0(tp, x_mid, mid, cond, guidance, edit, hard)
-    x_next = euler(x_mid, x0b, mid, t_next)
-    return {"x_next": x_next, "x0": x0_target(x_t, t, t_next, x_next), "gate": gate, "gate_mid": gate_mid,
-            "hard": hard}
+def teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
+                  guidance: float | torch.Tensor, edit: torch.Tensor, k: int = 2) -> dict[str, torch.Tensor]:
+    """The teacher from sigma t to t_next in k equal Euler steps (2: via the midpoint) -> {x_next, x0 (the
+    one-step target), gate and gate_mid (the teacher's gate logits at x_t and at the midpoint, or the step
+    nearest after it), hard (the edits' mask)}."""
+    sig = [t, *((t * (k - i) + t_next * i) / k for i in range(1, k)), t_next]  # k = 2: (t + t_next) / 2
+    x, hard, gate, gate_mid = x_t, None, None, None
+    for i in range(k):
+        s, s_next = sig[i], sig[i + 1]
+        x0, g, hard = teacher_x0(tp, x, s, cond, guidance, edit, hard)
+        gate = g if i == 0 else gate
+        gate_mid = g if i == -(-k // 2) else gate_mid
+        x = euler(x, x0, s, s_next)
+    return {"x_next": x, "x0": x0_target(x_t, t, t_next, x), "gate": gate, "gate_mid": gate_mid, "hard": hard}
 
 
 def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
@@ -157,10 +167,11 @@ def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
     return [-(-r * steps // rounds) for r in range(rounds)]
 
 
-def refine(grid: torch.Tensor) -> torch.Tensor:
-    """(n + 1,) sigmas -> (2n + 1,): every interval split at its midpoint (the previous round's student grid)."""
-    mids = (grid[:-1] + grid[1:]) / 2
-    return torch.cat([torch.stack([grid[:-1], mids], 1).flatten(), grid[-1:]])
+def refine(grid: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """(n + 1,) sigmas -> (kn + 1,): every interval split into k equal ones (k = 2: at its midpoint; the
+    previous round's student grid)."""
+    parts = [grid[:-1], *((grid[:-1] * (k - i) + grid[1:] * i) / k for i in range(1, k))]
+    return torch.cat([torch.stack(parts, 1).flatten(), grid[-1:]])
 
 
 class ProgressiveLoss:
@@ -172,7 +183,7 @@ class ProgressiveLoss:
         self.teacher, self.round = teacher, 0
         self.grids = [sampler_sigmas(student_scheduler(cfg, teacher), d.nfe)]  # the last round's: the sampler's
         while len(self.grids) < d.rounds:
-            self.grids.insert(0, refine(self.grids[0]))
+            self.grids.insert(0, refine(self.grids[0], d.substeps))
         self.starts = round_starts(d.steps, d.rounds, d.round_steps)
 
     def round_of(self, step: int) -> int:
@@ -216,7 +227,9 @@ class ProgressiveLoss:
     def __call__(self, engine: Engine, pipe: WorldPipeline, rows: Rows) -> tuple[torch.Tensor, dict[str, float]]:
         b, d, dev = rows.batch, self.cfg.distill, engine.to_device
         tp = self.teacher_for(engine, pipe, rows.step)
-        w = d.guidance if self.round == 0 else 1.0
+        # CFG in the first round only (later teachers are students, guidance folded in): `edit_guidance` on edits
+        w = torch.where(torch.from_numpy(b.edit), d.edit_guidance or d.guidance, d.guidance) if self.round == 0 \
+            else torch.ones(len(b.texts))
         grid = self.grids[self.round]
         x0, ref = cell_tokens(pipe, b, self.cfg.world.cell)
         region, edit = torch.from_numpy(b.region), torch.from_numpy(b.edit)
@@ -226,8 +239,8 @@ class ProgressiveLoss:
         t_next = grid[idx + 1]
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         cond = Cond(ref, region, tp.encode_text(b.texts, b.parts),
-                    tp.encode_text([""] * len(b.texts)) if w > 1 else None)
-        tgt = two_teacher_steps(tp, x_t, t, t_next, cond, w, edit)
+                    tp.encode_text([""] * len(b.texts)) if (w > 1).any() else None)
+        tgt = teacher_steps(tp, x_t, t, t_next, cond, w, edit, d.substeps)
         new, gate = pipe.predict(dev(x_t), dev(t), Cond(dev(ref), dev(region), pipe.encode_text(b.texts, b.parts)))
         is_edit, ref_d = dev(edit)[:, None], dev(ref).to(new.dtype)
         # the student's x0 as its sampler composes it: an edit inside its first-step mask (the teacher's here),
@@ -246,14 +259,17 @@ class ProgressiveLoss:
 
 def trainer(cfg: Config, out: Path | None) -> Trainer:
     from clvr.models.backend import load_pipeline
+    from clvr.registry import check_checkpoint
 
     d = cfg.distill
+    if d.init:
+        check_checkpoint(d.init, "distill.init")  # named before anything loads
     teacher = load_pipeline(teacher_path(cfg))
     teacher.transformer.requires_grad_(False), teacher.text_encoder.requires_grad_(False)
     sched = student_scheduler(cfg, teacher)
 
     def build(resume: Path | None) -> WorldPipeline:
-        student = load_pipeline(resume / "model" if resume else teacher_path(cfg))
+        student = load_pipeline(resume / "model" if resume else d.init or teacher_path(cfg))
         student.register_to_config(default_steps=d.nfe, default_guidance=1.0)
         student.scheduler = FlowMatchEulerDiscreteScheduler.from_config(sched)
         return student
