@@ -142,21 +142,26 @@ def teacher_x0(tp: WorldPipeline, x: torch.Tensor, t: torch.Tensor, cond: Cond, 
     return cond.ref + m[..., None] * (new - cond.ref), gate, hard
 
 
+def subdivide(a: torch.Tensor, b: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """[a, ..., b]: the k + 1 ends of k equal intervals from a to b, point i = (a (k - i) + b i) / k; at k = 2
+    the midpoint is (a + b) / 2, bit for bit the halving's, and the ends are a and b themselves."""
+    return [a, *((a * (k - i) + b * i) / k for i in range(1, k)), b]
+
+
 @torch.no_grad()
 def teacher_steps(tp: WorldPipeline, x_t: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, cond: Cond,
                   guidance: float | torch.Tensor, edit: torch.Tensor, k: int = 2) -> dict[str, torch.Tensor]:
     """The teacher from sigma t to t_next in k equal Euler steps (2: via the midpoint) -> {x_next, x0 (the
     one-step target), gate and gate_mid (the teacher's gate logits at x_t and at the midpoint, or the step
     nearest after it), hard (the edits' mask)}."""
-    sig = [t, *((t * (k - i) + t_next * i) / k for i in range(1, k)), t_next]  # k = 2: (t + t_next) / 2
-    x, hard, gate, gate_mid = x_t, None, None, None
-    for i in range(k):
-        s, s_next = sig[i], sig[i + 1]
+    sig = subdivide(t, t_next, k)
+    x, hard, gates = x_t, None, []
+    for s, s_next in zip(sig[:-1], sig[1:]):
         x0, g, hard = teacher_x0(tp, x, s, cond, guidance, edit, hard)
-        gate = g if i == 0 else gate
-        gate_mid = g if i == -(-k // 2) else gate_mid
+        gates.append(g)
         x = euler(x, x0, s, s_next)
-    return {"x_next": x, "x0": x0_target(x_t, t, t_next, x), "gate": gate, "gate_mid": gate_mid, "hard": hard}
+    return {"x_next": x, "x0": x0_target(x_t, t, t_next, x), "gate": gates[0], "gate_mid": gates[-(-k // 2)],
+            "hard": hard}
 
 
 def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
@@ -170,7 +175,7 @@ def round_starts(steps: int, rounds: int, round_steps: list[int]) -> list[int]:
 def refine(grid: torch.Tensor, k: int = 2) -> torch.Tensor:
     """(n + 1,) sigmas -> (kn + 1,): every interval split into k equal ones (k = 2: at its midpoint; the
     previous round's student grid)."""
-    parts = [grid[:-1], *((grid[:-1] * (k - i) + grid[1:] * i) / k for i in range(1, k))]
+    parts = subdivide(grid[:-1], grid[1:], k)[:-1]
     return torch.cat([torch.stack(parts, 1).flatten(), grid[-1:]])
 
 
