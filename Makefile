@@ -36,9 +36,9 @@ test: setup
 
 # The shipped generator weights (src/clvr/weights/{base,distilled}), from scratch on CPU: the foundation flow on
 # conf/release.yaml, on the varied world: the cell autoencoder, pretrain on its latents, the move-heavy fine-tune,
-# progressive distillation of the fine-tuned base to 4 NFE, then `ship` re-saves the fine-tune as base and the
-# student as distilled into the package, keeping the model cards. See the model cards for each part's time. The
-# shipped distilled had two more phases after this one, run by hand (its model card); this makes the first part.
+# progressive distillation of the fine-tuned base to 4 NFE, two more runs of its student on the base's own trajectory
+# (trajectory, rebalance), then `ship` re-saves the fine-tune as base and rebalance's student as distilled into the
+# package, keeping the model cards. See the model cards for each part's time.
 weights: setup
 	$(VENV)/bin/clvr pipeline run --flow foundation --profile release
 
@@ -51,7 +51,7 @@ B4    := pretrain.init=runs/release/finetune/final pretrain.out=runs/release/bas
 BENCH := $(VENV)/bin/clvr world bench-generator --profile release --model runs/release/finetune/final --no-speed
 weights-baselines: setup
 	$(VENV)/bin/clvr world pretrain --profile release $(B4)
-	$(BENCH) --distilled runs/release/distill/final > runs/release/bench-distilled.out
+	$(BENCH) --distilled runs/release/distill-rebalance/final > runs/release/bench-distilled.out
 	$(BENCH) --distilled runs/release/base-trained-4/final > runs/release/bench-base-trained-4.out
 
 clean:

@@ -1,7 +1,8 @@
 """The `foundation` flow: the recipe that makes the released world weights (at real scale these are downloaded:
-FLUX.2 [klein] base and distilled). The registry's foundation stages pretrain -> finetune (move-heavy) -> distill
-(teacher: the fine-tune's final) -> ship (installs the fine-tune as "base" and the student as "distilled" in
-`ship.root`, "" = src/clvr/weights), each through DVC, tracked in MLflow (flows/common.py).
+FLUX.2 [klein] base and distilled). The registry's foundation stages vae -> pretrain -> finetune (move-heavy) ->
+distill (teacher: the fine-tune's final) -> trajectory -> rebalance (the student on, on the fine-tune's own
+trajectory) -> ship (installs the fine-tune as "base" and rebalance's student as "distilled" in `ship.root`, "" =
+src/clvr/weights), each through DVC, tracked in MLflow (flows/common.py).
 
     clvr pipeline run --flow foundation --profile release    # `make weights`: the shipped weights, from scratch
     clvr pipeline run --flow foundation --profile ci         # seconds; ships into runs/ci/weights (ci.yaml)

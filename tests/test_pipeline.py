@@ -1,11 +1,12 @@
 """End to end on real parts: both Prefect flows (Prefect test harness) on the ci profile, in a copy of this project
 in a fresh git repo under tmp (real DVC repo, default local remote, SQLite MLflow store in it).
 
-First the `foundation` flow runs (vae, pretrain, finetune, distill, ship into a temporary weights folder, never into
-src/clvr/weights); then one `retrain` flow run, on the shipped weights, is shared by most assertions. In it, sft
-is given 12 steps (checkpoints at 4, 8, 12) and its process is killed with SIGKILL once the first checkpoint
-exists: the Prefect task retries, the stage resumes from its checkpoint, and the run still completes. controller_sft
-and sft run at the same time (both read only synthesize's data); Ctrl-C stops both."""
+First the `foundation` flow runs (vae, pretrain, finetune, distill, trajectory, rebalance, ship into a temporary
+weights folder, never into src/clvr/weights); then one `retrain` flow run, on the shipped weights, is shared by
+most assertions. In it, sft is given 12 steps (checkpoints at 4, 8, 12) and its process is killed with SIGKILL
+once the first checkpoint exists: the Prefect task retries, the stage resumes from its checkpoint, and the run
+still completes. controller_sft and sft run at the same time (both read only synthesize's data); Ctrl-C stops
+both."""
 
 import contextlib
 import hashlib
@@ -153,13 +154,15 @@ def test_foundation_flow_runs_its_stages_and_ships_into_the_configured_root(foun
     runs = nested(c, parent.info.run_id)
     assert set(runs) == set(FOUNDATION)
     receipt = json.loads((root / "runs" / "ci" / "ship" / "metrics.json").read_text())
-    for name, stage in (("base", "finetune"), ("distilled", "distill")):
+    for name, stage in (("base", "finetune"), ("distilled", "distill-rebalance")):  # the last distillation
         assert receipt[f"{name}_source"] == f"runs/ci/{stage}/final" and receipt[f"{name}_path"] == str(weights / name)
         assert receipt[f"{name}_sha256"] == model_digest(str(weights / name))
         assert runs["ship"].data.tags[f"{name}_sha256"] == receipt[f"{name}_sha256"]  # text values: tags
         assert model_digest(str(root / "src" / "clvr" / "weights" / name)) == model_digest(name)  # the copy's: untouched
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     assert lock["distill"]["deps"][0]["path"] == "runs/ci/finetune/final"  # the teacher: the fine-tune
+    rebalance_deps = {d["path"] for d in lock["rebalance"]["deps"]}  # dvc.lock sorts them
+    assert {"runs/ci/finetune/final", "runs/ci/distill-trajectory/final"} <= rebalance_deps
     assert lock["finetune"]["deps"][0]["path"] == "runs/ci/pretrain/final"
     assert yaml.safe_load(git(root, "show", f"{res['tag']}:params.yaml"))["pipeline"]["flow"] == "foundation"
     assert "flow foundation" in git(root, "tag", "-l", "--format=%(contents)", res["tag"])

@@ -177,7 +177,8 @@ def test_pipeline_lock_turns_a_second_run_away(tmp_path):
     from flows.foundation import foundation
 
     res = foundation.fn(profile="ci", root=str(root), dry_run=True)
-    assert res["flow"] == "foundation" and res["stages"] == ["vae", "pretrain", "finetune", "distill", "ship"]
+    assert res["flow"] == "foundation" and res["stages"] == ["vae", "pretrain", "finetune", "distill", "trajectory",
+                                                             "rebalance", "ship"]
 
 
 def test_lock_outlives_a_killed_flow_while_its_stage_command_runs(tmp_path):

@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ def ci_cfg(tmp: Path, *overrides: str) -> Config:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The real foundation stages (vae, pretrain, finetune, distill, ship) on the ci profile, run in this process; ship
-    installs into tmp/weights, never into the packaged weights."""
+    """The real foundation stages (vae, pretrain, finetune, distill, trajectory, rebalance, ship) on the ci profile, run
+    in this process; ship installs into tmp/weights, never into the packaged weights."""
     from clvr.registry import SHIPPED, model_digest
 
     tmp = tmp_path_factory.mktemp("stages")
@@ -73,7 +73,8 @@ def test_registry_is_consistent():
 def test_two_flows_over_one_registry():
     """The foundation flow makes the released weights and lists no dependency on them; the retrain flow starts
     from them and has no pretrain or distill stage."""
-    assert [s.name for s in flow_stages("foundation")] == ["vae", "pretrain", "finetune", "distill", "ship"]
+    assert [s.name for s in flow_stages("foundation")] == ["vae", "pretrain", "finetune", "distill", "trajectory",
+                                                           "rebalance", "ship"]
     assert [s.name for s in flow_stages("retrain")] == ["synthesize", "controller_sft", "sft", "evaluate"]
     assert sorted(s.name for f in FLOWS for s in flow_stages(f)) == sorted(s.name for s in STAGES)
     for s in STAGES:
@@ -93,7 +94,8 @@ def test_stage_graph_from_the_registry():
     assert graph("retrain") == {"synthesize": [], "controller_sft": ["synthesize"], "sft": ["synthesize"],
                                 "evaluate": ["controller_sft", "sft"]}
     assert graph("foundation") == {"vae": [], "pretrain": ["vae"], "finetune": ["pretrain"], "distill": ["finetune"],
-                                   "ship": ["finetune", "distill"]}
+                                   "trajectory": ["finetune", "distill"], "rebalance": ["finetune", "trajectory"],
+                                   "ship": ["finetune", "rebalance"]}
     assert graph("retrain", ["sft", "evaluate"]) == {"sft": [], "evaluate": ["sft"]}  # only the stages selected
 
 
@@ -141,8 +143,11 @@ def test_dvc_yaml_uses_params_interpolation():
     assert stages["pretrain"]["outs"] == ["${pretrain.out}/final"]
     assert stages["finetune"]["deps"][0] == "${pretrain.out}/final"
     assert stages["distill"]["deps"][0] == "${finetune.out}/final"  # the teacher: the fine-tune's final
+    # the second part: the teacher (the fine-tune) and the student it goes on from
+    assert stages["trajectory"]["deps"][:2] == ["${finetune.out}/final", "${distill.out}/final"]
+    assert stages["rebalance"]["deps"][:2] == ["${finetune.out}/final", "${trajectory.out}/final"]
     assert "outs" not in stages["ship"] and stages["ship"]["deps"][:2] == ["${finetune.out}/final",
-                                                                          "${distill.out}/final"]
+                                                                          "${rebalance.out}/final"]
     assert stages["evaluate"]["deps"][0] == "${sft.out}/final"
     assert stages["evaluate"]["metrics"] == [{"${eval.out}/metrics.json": {"cache": False}}]
     assert stages["pretrain"]["cmd"] == "clvr stage pretrain --params params.yaml"
@@ -153,7 +158,8 @@ def test_resolve_names_config_values(tmp_path):
 
 
 def test_unknown_stage_is_a_clear_error():
-    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: vae, pretrain, finetune, distill, ship, synthesize"):
+    with pytest.raises(ClvrError, match="unknown stage 'pprl' .*known: vae, pretrain, finetune, distill, trajectory, "
+                                        "rebalance, ship, synthesize"):
         get_stage("pprl")
 
 
@@ -188,8 +194,8 @@ def test_dvc_yaml_check(tmp_path):
 
 def test_stage_contract(trained):
     tmp, cfg, res = trained
-    for name in ("pretrain", "finetune", "distill"):
-        out = tmp / name
+    for name in ("pretrain", "finetune", "distill", "trajectory", "rebalance"):
+        out = Path(getattr(cfg, name).out)
         assert res[name]["final"] == str(out / "final") and (out / "final" / "model_index.json").is_file()
         assert json.loads((out / "metrics.json").read_text()) == pytest.approx(res[name]["metrics"])
         curve = json.loads((out / "curve.json").read_text())  # the DVC plot, from metrics.jsonl's train lines
@@ -245,6 +251,23 @@ def test_finetune_and_distill_start_where_the_foundation_recipe_says(trained):
     assert (tmp / "finetune" / MARKER).read_text().strip() == "world finetune"  # its own run folder, its own name
 
 
+def test_the_second_distillation_part_goes_on_from_the_student_before_it(trained, tmp_path):
+    """trajectory starts from distill's student and rebalance from trajectory's, both taught by the fine-tune; a bad
+    start folder is an error naming the stage's own key, before anything loads."""
+    from clvr.models.backend import load_pipeline
+    from clvr.train.distill import teacher_path, trainer
+
+    tmp, cfg, _ = trained
+    for name, start in (("trajectory", "distill"), ("rebalance", "distill-trajectory")):
+        section = replace(cfg, distill=getattr(cfg, name))
+        assert teacher_path(section) == str(tmp / "finetune" / "final")
+        student = trainer(section, None, name).pipe.transformer.state_dict()
+        before = load_pipeline(str(tmp / start / "final")).transformer.state_dict()
+        assert all(student[k].equal(v) for k, v in before.items())
+    with pytest.raises(CheckpointError, match=r"^rebalance.init: no generator checkpoint at '/no/such'"):
+        run_stage("rebalance", ci_cfg(tmp, "rebalance.init=/no/such", f"rebalance.out={tmp_path}/r"))
+
+
 def test_ship_installs_the_finetune_and_the_student_into_its_root(trained):
     from clvr.models.backend import load_pipeline
     from clvr.registry import model_digest
@@ -252,7 +275,7 @@ def test_ship_installs_the_finetune_and_the_student_into_its_root(trained):
     tmp, cfg, res = trained
     receipt = json.loads((tmp / "ship" / "metrics.json").read_text())
     assert res["ship"]["metrics"] == receipt and res["ship"]["final"] is None
-    for name, stage in (("base", "finetune"), ("distilled", "distill")):
+    for name, stage in (("base", "finetune"), ("distilled", "distill-rebalance")):  # the last distillation
         dest = tmp / "weights" / name
         assert receipt[f"{name}_source"] == str(tmp / stage / "final") and receipt[f"{name}_path"] == str(dest)
         assert receipt[f"{name}_sha256"] == model_digest(str(dest))

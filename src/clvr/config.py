@@ -730,8 +730,8 @@ class WeightsCfg:
 @dataclass
 class ShipCfg:
     """The foundation flow's `ship` stage (clvr.ship): installs `<finetune.out>/final` as the base and
-    `<distill.out>/final` as the distilled weights in `root` ("" = the packaged weights, src/clvr/weights), and
-    writes what it shipped (paths, sha256) to `<out>/metrics.json`."""
+    `<rebalance.out>/final` (the last distillation) as the distilled weights in `root` ("" = the packaged weights,
+    src/clvr/weights), and writes what it shipped (paths, sha256) to `<out>/metrics.json`."""
 
     out: str = "runs/ship"
     root: str = ""
@@ -777,6 +777,10 @@ class Config:
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
+    # the distilled model's second part: two more distill runs on the base's own trajectory (conf/base.yaml), the
+    # foundation stages of the same names, each from the one before (clvr.train.distill.run)
+    trajectory: DistillCfg = field(default_factory=DistillCfg)
+    rebalance: DistillCfg = field(default_factory=DistillCfg)
     weights: WeightsCfg = field(default_factory=WeightsCfg)
     ship: ShipCfg = field(default_factory=ShipCfg)
     sft: SftCfg = field(default_factory=SftCfg)

@@ -1,8 +1,8 @@
 """The `ship` stage (foundation flow, last): install the flow's models as the released weights the retrain flow
-starts from: `<finetune.out>/final` as "base" and `<distill.out>/final` as "distilled", each through
-`clvr.models.backend.ship` (loaded, so a bad folder fails naming it; re-saved clean; swapped in atomically; the
-model card already there is kept), into `ship.root` ("" = the packaged weights, src/clvr/weights; see
-clvr.registry.ship_root).
+starts from: `<finetune.out>/final` as "base" and `<rebalance.out>/final` (the last of the three distillation
+stages: distill, trajectory, rebalance) as "distilled", each through `clvr.models.backend.ship` (loaded, so a bad
+folder fails naming it; re-saved clean; swapped in atomically; the model card already there is kept), into
+`ship.root` ("" = the packaged weights, src/clvr/weights; see clvr.registry.ship_root).
 
 Writes `<ship.out>/metrics.json`: for each shipped name its source, destination and sha256 (clvr.registry.
 model_digest). DVC keeps that file in git, so a run's tag records exactly which weights it shipped; the weights
@@ -21,7 +21,7 @@ from clvr.registry import SHIPPED, model_digest, ship_root
 
 def sources(cfg: Config) -> dict[str, str]:
     """Shipped name -> the trained folder installed under it."""
-    return dict(zip(SHIPPED, (str(Path(cfg.finetune.out) / "final"), str(Path(cfg.distill.out) / "final"))))
+    return dict(zip(SHIPPED, (str(Path(cfg.finetune.out) / "final"), str(Path(cfg.rebalance.out) / "final"))))
 
 
 def _here(path: Path) -> str:

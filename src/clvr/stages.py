@@ -2,9 +2,9 @@
 (`clvr pipeline dvc-yaml`, every stage of both flows), each Prefect flow runs its own stages in order, `clvr stage
 NAME` runs one alone.
 
-* foundation (`clvr pipeline run --flow foundation`, `make weights`): pretrain -> finetune -> distill -> ship. It
-  makes the released weights (at real scale these are downloaded: FLUX.2 [klein] base and distilled), so its
-  stages list no dependency on them.
+* foundation (`clvr pipeline run --flow foundation`, `make weights`): vae -> pretrain -> finetune -> distill ->
+  trajectory -> rebalance -> ship. It makes the released weights (at real scale these are downloaded: FLUX.2
+  [klein] base and distilled), so its stages list no dependency on them.
 * retrain (`clvr pipeline run`, `make run`): synthesize -> controller_sft -> sft -> evaluate, starting from the
   released weights (`weights.base`, `weights.distilled`: the shipped ones or registry-pinned folders).
 
@@ -179,8 +179,13 @@ STAGES: list[Stage] = [
                  extra_deps=("{pretrain.out}/final",)),
     _train_stage("distill", "foundation", "clvr.train.distill:run", (*TRAIN_PARAMS, "distill"),
                  extra_deps=("{finetune.out}/final",)),
+    # the distilled model's second part: the student goes on learning the fine-tune's own trajectory (the teacher)
+    _train_stage("trajectory", "foundation", "clvr.train.distill:run_trajectory", (*TRAIN_PARAMS, "trajectory"),
+                 extra_deps=("{finetune.out}/final", "{distill.out}/final")),
+    _train_stage("rebalance", "foundation", "clvr.train.distill:run_rebalance", (*TRAIN_PARAMS, "rebalance"),
+                 extra_deps=("{finetune.out}/final", "{trajectory.out}/final")),
     Stage(name="ship", flow="foundation", func="clvr.ship:run", section="ship", params=("ship",),
-          deps=("{finetune.out}/final", "{distill.out}/final", *code_deps("clvr.ship")),
+          deps=("{finetune.out}/final", "{rebalance.out}/final", *code_deps("clvr.ship")),
           outs=(), metrics=("{ship.out}/metrics.json",)),
     # ---- retrain: from the released weights
     Stage(name="synthesize", flow="retrain", func="clvr.synthesize:run", section="synthesize",

@@ -85,7 +85,7 @@ def controller_sft(overrides: Optional[List[str]] = Overrides, profile: str = Pr
 
 
 @world_app.command("ship")
-def ship(src: str = typer.Argument(..., help="a trained checkpoint folder, e.g. runs/release/distill/final"),
+def ship(src: str = typer.Argument(..., help="a trained checkpoint folder, e.g. runs/release/distill-rebalance/final"),
          name: str = typer.Argument(..., help="base | distilled")) -> None:
     """Install a checkpoint as the packaged base or distilled weights (its model card is kept; update it)."""
     from clvr.models.backend import ship as ship_weights

@@ -53,7 +53,8 @@ def _flows(root: Path, flow: str = "retrain"):
 @pipeline_app.command("run")
 def run(profile: str = ProfileOpt, overrides: Optional[List[str]] = SetOpt,
         flow: str = typer.Option("retrain", "--flow", help="retrain (synthesize, controller_sft, sft, evaluate "
-                                 "from the released weights) | foundation (vae, pretrain, finetune, distill, ship: makes them)"),
+                                 "from the released weights) | foundation (vae, pretrain, finetune, distill, "
+                                 "trajectory, rebalance, ship: makes them)"),
         stages: Optional[List[str]] = typer.Option(None, "--stage", "-s",
                                                    help="only these stages of the flow (repeatable)")) -> None:
     """Run a pipeline flow (Prefect flow `retrain`, the default, or `foundation`) locally on Prefect's ephemeral

@@ -110,15 +110,17 @@ def single_step_outcomes(gen, metas: list[dict], seed: int) -> np.ndarray:
 
 
 def quick_eval(pipe, trials: int, steps: int, guidance: float, tiers: list[int], seed: int = 99,
-               appearance=None) -> dict[str, float]:
-    """The in-training evaluation: flat metrics {edit_<op>, edit_mean, single_tier<k>}."""
+               appearance=None, edit_guidance: float = 0.0) -> dict[str, float]:
+    """The in-training evaluation: flat metrics {edit_<op>, edit_mean, single_tier<k>}; edits at CFG
+    `edit_guidance` when it is not 0 (a distillation teacher's other scale on edits)."""
     from clvr.models.backend import WorldGenerator
 
     was_training = pipe.transformer.training
     pipe.transformer.eval(), pipe.text_encoder.eval()
     gen = WorldGenerator(pipe, steps, guidance)
     g, c = pipe.config.grid, pipe.config.cell
-    es = edit_success(gen, trials, g, c, seed, appearance)
+    es = edit_success(WorldGenerator(pipe, steps, edit_guidance) if edit_guidance else gen, trials, g, c, seed,
+                      appearance)
     out = {f"edit_{k}": v for k, v in es.items()}
     out["edit_mean"] = float(np.mean(list(es.values())))
     out.update({f"single_tier{k}": v for k, v in single_step_pass(gen, trials, g, tiers, seed).items()})

@@ -42,19 +42,22 @@ steps, learned in one phase as in TRACT (Berthelot et al. 2023, "TRACT: denoisin
 transitive closure time-distillation"), not through students in a row, each passing its error on to the next;
 it costs k teacher evaluations per sample. `distill.init` starts the student from other weights than the
 teacher's (e.g. an earlier student), `distill.edit_guidance` gives the first teacher another CFG scale on edits
-(a scale that helps text-to-image can hurt recolors; see the distilled model card).
+(a scale that helps text-to-image can hurt recolors; see the distilled model card). The shipped student is
+`distill`'s progressive student taken on by two such runs, the foundation stages `trajectory` and `rebalance`
+(`run_trajectory`, `run_rebalance`: this trainer on their own sections, conf/base.yaml).
 At a round's first step rank 0 saves the student as `<out>/rounds/round-<r>/` (the next teacher), so a
 resume inside a later round reloads exactly the teacher it had.
 
 The student has the base's architecture and starts from it, so Delta_distill = student - base is a meaningful
-weight delta for the later merge. Every setting comes from the `distill` section (its data mix and loss
-weights included); it runs on the training engine through the same loop as pretrain, the method being the
-pluggable loss. Each rank holds a frozen copy of the teacher.
+weight delta for the later merge. Every setting comes from the `distill` section, or the stage's own (its data
+mix and loss weights included); it runs on the training engine through the same loop as pretrain, the method
+being the pluggable loss. Each rank holds a frozen copy of the teacher.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -262,13 +265,15 @@ class ProgressiveLoss:
                                                  "round": float(self.round)}
 
 
-def trainer(cfg: Config, out: Path | None) -> Trainer:
+def trainer(cfg: Config, out: Path | None, section: str = "distill") -> Trainer:
+    """The student's run on `cfg.distill`; `section` names it (errors, run folder) when those are another
+    section's settings (`run`)."""
     from clvr.models.backend import load_pipeline
     from clvr.registry import check_checkpoint
 
     d = cfg.distill
     if d.init:
-        check_checkpoint(d.init, "distill.init")  # named before anything loads
+        check_checkpoint(d.init, f"{section}.init")  # named before anything loads
     teacher = load_pipeline(teacher_path(cfg))
     teacher.transformer.requires_grad_(False), teacher.text_encoder.requires_grad_(False)
     sched = student_scheduler(cfg, teacher)
@@ -288,25 +293,28 @@ def trainer(cfg: Config, out: Path | None) -> Trainer:
         loss = ProgressiveLoss(cfg, teacher, out)
     else:  # at the student's sampling sigmas, e.g. 1, .75, .5, .25
         loss = DistillLoss(cfg, teacher, sampler_sigmas(sched, d.nfe)[:-1])
-    tr = Trainer("distill", cfg, d, build, loss, evaluate, out, text_dropout=0.0)
+    tr = Trainer(section, cfg, d, build, loss, evaluate, out, text_dropout=0.0)
     if tr.engine.device.name != "cpu":  # the frozen teacher (fp32) sits beside the student on this rank's GPU
         teacher.to(tr.engine.ds.device)
     tr.teacher = teacher
     return tr
 
 
-def run(cfg: Config) -> dict:
-    """Student metrics at `nfe` (no CFG); the teacher's at `teacher_steps` + CFG once, for the gap."""
+def run(cfg: Config, section: str = "distill") -> dict:
+    """Student metrics at `nfe` (no CFG); the teacher's at `teacher_steps` + CFG once, for the gap. `section`:
+    the config section with the settings (a DistillCfg), read as `cfg.distill` throughout this module."""
     from clvr.train.bench import quick_eval
 
+    cfg = replace(cfg, distill=getattr(cfg, section))
     torch.set_num_threads(cfg.distill.threads)
     out = Path(cfg.distill.out)
-    tr = trainer(cfg, out)
+    tr = trainer(cfg, out, section)
     res = tr.fit()
     if tr.engine.is_main:
         t0 = time.perf_counter()
-        teach = quick_eval(tr.teacher, cfg.distill.eval_trials, cfg.distill.teacher_steps, cfg.distill.guidance,
-                           EVAL_TIERS, appearance=cfg.world.appearance)
+        d = cfg.distill  # the teacher as this run used it: CFG `edit_guidance` on edits when set
+        teach = quick_eval(tr.teacher, d.eval_trials, d.teacher_steps, d.guidance, EVAL_TIERS,
+                           appearance=cfg.world.appearance, edit_guidance=d.edit_guidance)
         m = res["metrics"]
         m.update({f"teacher_{k}": v for k, v in teach.items()})
         gaps = [abs(m[f"eval_{k}"] - v) for k, v in teach.items() if k.startswith("edit_") and f"eval_{k}" in m]
@@ -316,3 +324,13 @@ def run(cfg: Config) -> dict:
         ckpt.write_json(out / "metrics.json", m)
     tr.engine.barrier()
     return {"metrics": ckpt.read_json(out / "metrics.json"), "final": res["final"]}
+
+
+def run_trajectory(cfg: Config) -> dict:
+    """The foundation stage `trajectory`: the distilled model's second part, on the `trajectory` section."""
+    return run(cfg, "trajectory")
+
+
+def run_rebalance(cfg: Config) -> dict:
+    """The foundation stage `rebalance`: on from `trajectory`'s student, on the `rebalance` section."""
+    return run(cfg, "rebalance")
