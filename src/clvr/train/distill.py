@@ -305,16 +305,18 @@ def run(cfg: Config, section: str = "distill") -> dict:
     the config section with the settings (a DistillCfg), read as `cfg.distill` throughout this module."""
     from clvr.train.bench import quick_eval
 
-    cfg = replace(cfg, distill=getattr(cfg, section))
-    torch.set_num_threads(cfg.distill.threads)
-    out = Path(cfg.distill.out)
+    d = getattr(cfg, section)
+    cfg = replace(cfg, distill=d)
+    torch.set_num_threads(d.threads)
+    out = Path(d.out)
     tr = trainer(cfg, out, section)
     res = tr.fit()
     if tr.engine.is_main:
         t0 = time.perf_counter()
-        d = cfg.distill  # the teacher as this run used it: CFG `edit_guidance` on edits when set
+        # the teacher as this run used it: progressive's first teacher takes CFG `edit_guidance` on edits
+        edit_w = d.edit_guidance if d.method == "progressive" else 0.0
         teach = quick_eval(tr.teacher, d.eval_trials, d.teacher_steps, d.guidance, EVAL_TIERS,
-                           appearance=cfg.world.appearance, edit_guidance=d.edit_guidance)
+                           appearance=cfg.world.appearance, edit_guidance=edit_w)
         m = res["metrics"]
         m.update({f"teacher_{k}": v for k, v in teach.items()})
         gaps = [abs(m[f"eval_{k}"] - v) for k, v in teach.items() if k.startswith("edit_") and f"eval_{k}" in m]
