@@ -116,6 +116,31 @@ def test_cli_pretrain_and_bad_checkpoint(tmp_path):
     assert bad.returncode == 2 and str(tmp_path / "none") in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_the_steps_matter_benchmark_rates_each_sampler_against_the_models_own_cfg_sampling(monkeypatch, capsys):
+    """benchmarks/steps_matter.py on the shipped base: a line per sampler, then each figure over the reference's."""
+    import runpy
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.setattr(sys, "path", [str(bench), *sys.path])  # as `python benchmarks/steps_matter.py` has it
+    monkeypatch.setattr(sys, "argv", ["steps_matter.py", "--n", "3", "--steps", "1,4", "--tiers", "1-2"])
+    runpy.run_path(str(bench / "steps_matter.py"), run_name="__main__")
+    lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    ref, rows, res = lines[0]["reference"], lines[1:3], lines[3]
+    assert (ref["steps"], ref["guidance"]) == (28, 2.0) and [(r["steps"], r["guidance"]) for r in rows] == [(1, 1.0),
+                                                                                                          (4, 1.0)]
+    for r in rows:
+        got = res["ratio_no_cfg"][str(r["steps"])]
+        assert set(got["edit"]) == set(EDIT_OPS) and set(got["single"]) == {"1", "2"}
+        for op in EDIT_OPS:
+            assert got["edit"][op] == (round(r["edit"][op] / ref["edit"][op], 3) if ref["edit"][op] else None)
+        assert got["edit_mean"] == round(r["edit_mean"] / ref["edit_mean"], 3)
+    with pytest.raises(SystemExit) as bad:
+        monkeypatch.setattr(sys, "argv", ["steps_matter.py", "--model", "/no/such", "--n", "1"])
+        runpy.run_path(str(bench / "steps_matter.py"), run_name="__main__")
+    assert bad.value.code == 2 and "/no/such" in capsys.readouterr().err
+
+
 # ---- the engine: ranks, ZeRO, kill -9 ------------------------------------------------------------------------
 
 TOL = 1e-5  # max |parameter difference| after the ci run's 4 steps, N ranks vs 1 (float sums in another order)
