@@ -68,12 +68,12 @@ def main() -> None:
     except ClvrError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    t0 = time.perf_counter()
-    ref = figures(WorldGenerator(pipe), args.n, args.tiers, args.seed, cfg.world.appearance)  # the model's default steps + CFG
+    t0, app = time.perf_counter(), cfg.world.appearance
+    ref = figures(WorldGenerator(pipe), args.n, args.tiers, args.seed, app)  # the model's default steps + CFG
     print(json.dumps({"reference": ref}), flush=True)
     rows = {}
     for s in args.steps:
-        f = figures(WorldGenerator(pipe, s, 1.0), args.n, args.tiers, args.seed, cfg.world.appearance)
+        f = figures(WorldGenerator(pipe, s, 1.0), args.n, args.tiers, args.seed, app)
         print(json.dumps(f), flush=True)
         rows[str(s)] = {"edit": {op: ratio(v, ref["edit"][op]) for op, v in f["edit"].items()},
                         "edit_mean": ratio(f["edit_mean"], ref["edit_mean"]),

@@ -127,8 +127,8 @@ def test_the_steps_matter_benchmark_rates_each_sampler_against_the_models_own_cf
     runpy.run_path(str(bench / "steps_matter.py"), run_name="__main__")
     lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
     ref, rows, res = lines[0]["reference"], lines[1:3], lines[3]
-    assert (ref["steps"], ref["guidance"]) == (28, 2.0) and [(r["steps"], r["guidance"]) for r in rows] == [(1, 1.0),
-                                                                                                          (4, 1.0)]
+    assert (ref["steps"], ref["guidance"]) == (28, 2.0)
+    assert [(r["steps"], r["guidance"]) for r in rows] == [(1, 1.0), (4, 1.0)]
     for r in rows:
         got = res["ratio_no_cfg"][str(r["steps"])]
         assert set(got["edit"]) == set(EDIT_OPS) and set(got["single"]) == {"1", "2"}
