@@ -266,12 +266,13 @@ class ProgressiveLoss:
 
 
 def trainer(cfg: Config, out: Path | None, section: str = "distill") -> Trainer:
-    """The student's run on `cfg.distill`; `section` names it (errors, run folder) when those are another
-    section's settings (`run`)."""
+    """The student's run on config section `section` (distill, trajectory or rebalance: a DistillCfg each), read as
+    `cfg.distill` throughout this module; errors and the run folder name the section."""
     from clvr.models.backend import load_pipeline
     from clvr.registry import check_checkpoint
 
-    d = cfg.distill
+    d = getattr(cfg, section)
+    cfg = replace(cfg, distill=d)
     if d.init:
         check_checkpoint(d.init, f"{section}.init")  # named before anything loads
     teacher = load_pipeline(teacher_path(cfg))
@@ -302,11 +303,10 @@ def trainer(cfg: Config, out: Path | None, section: str = "distill") -> Trainer:
 
 def run(cfg: Config, section: str = "distill") -> dict:
     """Student metrics at `nfe` (no CFG); the teacher's at `teacher_steps` + CFG once, for the gap. `section`:
-    the config section with the settings (a DistillCfg), read as `cfg.distill` throughout this module."""
+    the config section with the settings (see `trainer`)."""
     from clvr.train.bench import quick_eval
 
     d = getattr(cfg, section)
-    cfg = replace(cfg, distill=d)
     torch.set_num_threads(d.threads)
     out = Path(d.out)
     tr = trainer(cfg, out, section)
